@@ -1,0 +1,1 @@
+"""Framework glue, published as ``fp_collect.adapters``: ``asgi`` and ``wsgi``."""

@@ -1,0 +1,103 @@
+"""Mount fp-collect in any WSGI app; Flask in one line with :func:`init_app`.
+
+Built on werkzeug's input-stream helpers, which never read past ``Content-Length``
+and stop a chunked body at the route's limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.wsgi import get_input_stream
+
+from fp_collect.collector import Collector
+from fp_collect.dialects import Route
+from fp_collect.http import Request
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from flask import Flask
+
+
+class CollectorMiddleware:
+    """WSGI middleware serving the collection routes in front of ``app``.
+
+    ::
+
+        from fp_collect import Source
+        from fp_collect.adapters.wsgi import CollectorMiddleware
+
+        app.wsgi_app = CollectorMiddleware(app.wsgi_app, sources=[Source(write_key="...")])
+
+    :param app: the host WSGI application; every other path goes to it untouched.
+    :param collector: a ready :class:`~fp_collect.Collector`; otherwise ``options``
+        build one (``sources``, ``storage``, ``prefix``, ...).
+    """
+
+    def __init__(
+        self, app: WSGIApplication, *, collector: Collector | None = None, **options: Any
+    ) -> None:
+        self.app = app
+        self.collector = collector if collector is not None else Collector(**options)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "") or "/"
+        route = self.collector.route(path)
+        if route is None:
+            return self.app(environ, start_response)
+        response = self.collector.handle(route, _read_request(environ, route, path))
+        start_response(
+            response.status_line,
+            [*response.headers, ("content-length", str(len(response.body)))],
+        )
+        return [response.body]
+
+
+def init_app(app: Flask, **options: Any) -> Collector:
+    """Mount the collector in a Flask app and return it.
+
+    ::
+
+        app = Flask(__name__)
+        collector = init_app(app, sources=[Source(write_key="...")],
+                             storage="sqlite:///events.db")
+
+    The collector is also kept as ``app.extensions["fp_collect"]``.
+    """
+    middleware = CollectorMiddleware(app.wsgi_app, **options)
+    app.wsgi_app = middleware  # type: ignore[method-assign]
+    app.extensions["fp_collect"] = middleware.collector
+    return middleware.collector
+
+
+def _read_request(environ: WSGIEnvironment, route: Route, path: str) -> Request:
+    headers: dict[str, str] = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            headers[key[5:].replace("_", "-").lower()] = value
+    if environ.get("CONTENT_TYPE"):
+        headers["content-type"] = environ["CONTENT_TYPE"]
+    if environ.get("CONTENT_LENGTH"):
+        headers["content-length"] = environ["CONTENT_LENGTH"]
+    method = environ.get("REQUEST_METHOD", "GET").upper()
+    limit = route.max_body_bytes
+    body, too_large = b"", False
+    if method in ("POST", "PUT", "PATCH") and limit > 0:
+        try:
+            stream = get_input_stream(environ, max_content_length=limit)
+            body = stream.read(limit + 1)
+        except RequestEntityTooLarge:
+            too_large = True
+        if len(body) > limit:
+            body, too_large = b"", True
+    return Request(
+        method=method,
+        path=path,
+        query=environ.get("QUERY_STRING", ""),
+        headers=headers,
+        body=body,
+        client=environ.get("REMOTE_ADDR"),
+        body_too_large=too_large,
+    )

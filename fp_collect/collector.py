@@ -1,0 +1,187 @@
+"""The collector: routes a neutral request through the pipeline and the store.
+
+Adapters call :meth:`Collector.route` first (cheap: one dict lookup) so every path
+that is not ours passes through to the host app with its body unread, then read the
+body within ``route.max_body_bytes`` and call :meth:`handle` or :meth:`handle_async`.
+Method handling and CORS live here, not in the adapters, so WSGI and ASGI cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from http import HTTPStatus
+from typing import Any
+
+from fp_collect import responses
+from fp_collect.config import CollectorConfig
+from fp_collect.dialects import Route, segment
+from fp_collect.errors import StoreUnavailable
+from fp_collect.http import HeaderList, Request, Response
+from fp_collect.pipeline import Pipeline, Prepared
+from fp_collect.store import Store, open_store
+from fp_collect.store.base import Batch, RejectionRecord
+from fp_collect.timestamps import format_iso
+
+logger = logging.getLogger("fp_collect")
+
+_PREFLIGHT_MAX_AGE = "86400"
+
+
+class Collector:
+    """First-party event collection, independent of any web framework.
+
+    >>> from fp_collect import Collector, Source
+    >>> collector = Collector(sources=[Source(write_key="my-key")], storage="memory://")
+    >>> collector.route("/v1/track").name
+    'track'
+    >>> collector.close()
+
+    :param config: a :class:`CollectorConfig`; or pass its fields as keyword arguments.
+    :param store: a ready store, overriding ``config.storage`` (tests, sharing one store).
+    :param clock: epoch seconds; injectable so tests can drive time.
+    """
+
+    def __init__(
+        self,
+        config: CollectorConfig | None = None,
+        *,
+        store: Store | None = None,
+        clock: Callable[[], float] = time.time,
+        **options: Any,
+    ) -> None:
+        if config is None:
+            config = CollectorConfig(**options)
+        elif options:
+            raise TypeError("pass either a CollectorConfig or keyword options, not both")
+        self.config = config
+        self.pipeline = Pipeline(config, clock)
+        self.store = store if store is not None else open_store(config.storage)
+        self._routes = {
+            config.prefix + path: route for path, route in segment.routes(self.pipeline).items()
+        }
+        self._any_origin = any("*" in s.allowed_origins for s in config.sources)
+        self._origins = frozenset(o for s in config.sources for o in s.allowed_origins)
+
+    def route(self, path: str) -> Route | None:
+        """The collection route for ``path``, or None when the host app should answer."""
+        route = self._routes.get(path)
+        if route is None and len(path) > 1 and path.endswith("/"):
+            route = self._routes.get(path[:-1])
+        return route
+
+    def prepare(self, route: Route, request: Request) -> Prepared:
+        """Everything short of the store: method, CORS preflight, then the dialect."""
+        if request.method == "OPTIONS":
+            return _fixed(self._preflight(route, request))
+        if request.method not in route.methods:
+            allow = ", ".join(sorted(route.methods | {"OPTIONS"}))
+            body = responses.single_error(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                f"{request.method[:20]} is not allowed here; use {allow}",
+            )
+            return _fixed(
+                responses.json_response(HTTPStatus.METHOD_NOT_ALLOWED, body, [("allow", allow)])
+            )
+        try:
+            return route.handler(request)
+        except Exception:
+            logger.exception("fp-collect failed on %s %s", request.method, request.path)
+            return self._internal_error(request)
+
+    def handle(self, route: Route, request: Request) -> Response:
+        """Process ``request`` and wait (blocking) until its events are committed."""
+        prepared = self.prepare(route, request)
+        if not (prepared.batch.events or prepared.batch.rejections):
+            return self._with_cors(prepared.respond([]), request)
+        try:
+            outcomes = self.store.submit(prepared.batch).result(self.config.commit_timeout)
+        except (StoreUnavailable, FutureTimeout, OSError) as exc:
+            logger.warning("fp-collect store unavailable: %s", exc)
+            return self._with_cors(prepared.unavailable, request)
+        return self._with_cors(prepared.respond(outcomes), request)
+
+    async def handle_async(self, route: Route, request: Request) -> Response:
+        """Like :meth:`handle`, awaiting the commit without blocking the event loop."""
+        prepared = self.prepare(route, request)
+        if not (prepared.batch.events or prepared.batch.rejections):
+            return self._with_cors(prepared.respond([]), request)
+        try:
+            future = asyncio.wrap_future(self.store.submit(prepared.batch))
+            # shield: a timed-out request must not cancel a commit already in the writer's
+            # hands; the client retries and dedup absorbs the second copy.
+            outcomes = await asyncio.wait_for(asyncio.shield(future), self.config.commit_timeout)
+        except (StoreUnavailable, asyncio.TimeoutError, OSError) as exc:
+            logger.warning("fp-collect store unavailable: %s", exc)
+            return self._with_cors(prepared.unavailable, request)
+        return self._with_cors(prepared.respond(outcomes), request)
+
+    def close(self) -> None:
+        """Flush and close the store."""
+        self.store.close()
+
+    # -- CORS ---------------------------------------------------------------------------
+
+    def _origin_allowed(self, origin: str) -> bool:
+        return self._any_origin or origin in self._origins
+
+    def _preflight(self, route: Route, request: Request) -> Response:
+        origin = request.headers.get("origin")
+        if origin is None or not self._origin_allowed(origin):
+            body = responses.single_error(
+                HTTPStatus.FORBIDDEN, "origin_not_allowed", "Origin not allowed"
+            )
+            return responses.json_response(HTTPStatus.FORBIDDEN, body)
+        headers: HeaderList = [
+            ("access-control-allow-methods", ", ".join(sorted(route.methods | {"OPTIONS"}))),
+            ("access-control-max-age", _PREFLIGHT_MAX_AGE),
+        ]
+        requested = request.headers.get("access-control-request-headers")
+        if requested:
+            # Write keys are public and nothing is read back, so any header may be sent.
+            headers.append(("access-control-allow-headers", requested[:1000]))
+        return Response(HTTPStatus.NO_CONTENT, headers, b"")
+
+    def _with_cors(self, response: Response, request: Request) -> Response:
+        origin = request.headers.get("origin")
+        if origin is None or not self._origin_allowed(origin):
+            return response
+        # Echo the origin (never "*") so credentialed requests such as sendBeacon work.
+        # Responses may be shared constants: build a new header list, never extend theirs.
+        headers = [
+            *response.headers,
+            ("access-control-allow-origin", origin),
+            ("access-control-allow-credentials", "true"),
+            ("vary", "Origin"),
+        ]
+        return Response(response.status, headers, response.body)
+
+    def _internal_error(self, request: Request) -> Prepared:
+        received = self.pipeline.clock()
+        rejection = RejectionRecord(
+            source_id=None,
+            reason="internal_error",
+            message="the collector failed on this request",
+            received_at=format_iso(received),
+            endpoint=request.path,
+            payload=request.body.decode("utf-8", "backslashreplace"),
+        )
+        body = responses.single_error(
+            HTTPStatus.BAD_REQUEST,
+            "internal_error",
+            "The request could not be processed; it was recorded",
+        )
+        return Prepared(
+            Batch(rejections=[rejection]),
+            lambda _o: responses.json_response(HTTPStatus.BAD_REQUEST, body),
+            responses.json_response(HTTPStatus.BAD_REQUEST, body),
+        )
+
+
+def _fixed(response: Response) -> Prepared:
+    return Prepared(Batch(), lambda _outcomes: response, response)

@@ -1,0 +1,194 @@
+"""The collector's configuration: one object, validated eagerly with clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from fp_collect.errors import ConfigError
+
+KIB = 1024
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A place events come from (a website, an app, a server), owning one write key.
+
+    :param write_key: the public key clients send (Basic username, ``writeKey``).
+    :param id: stable identifier stored with every event; derived from the key if omitted.
+    :param name: a human label.
+    :param enabled: a disabled source's key is answered exactly like an unknown key.
+    :param allowed_origins: browser origins (``https://shop.example``) allowed to send
+        events for this source; ``"*"`` allows any. Requests without an ``Origin``
+        header (server SDKs, mobile apps) are never refused on this ground.
+    """
+
+    write_key: str
+    id: str = ""
+    name: str = ""
+    enabled: bool = True
+    allowed_origins: tuple[str, ...] = ("*",)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.write_key, str) or not self.write_key:
+            raise ConfigError("Source.write_key must be a non-empty string")
+        if ":" in self.write_key:
+            # HTTP Basic splits user:password at the first colon.
+            raise ConfigError("Source.write_key must not contain ':'")
+        if not self.id:
+            digest = hashlib.sha256(self.write_key.encode()).hexdigest()[:16]
+            object.__setattr__(self, "id", f"src_{digest}")
+        if isinstance(self.allowed_origins, str):
+            object.__setattr__(self, "allowed_origins", (self.allowed_origins,))
+        for origin in self.allowed_origins:
+            if origin != "*" and ("://" not in origin or origin.endswith("/")):
+                raise ConfigError(
+                    f"allowed origin {origin!r} must look like 'https://example.com' "
+                    "(scheme and host, no trailing slash) or be '*'"
+                )
+
+    def allows_origin(self, origin: str | None) -> bool:
+        if origin is None:
+            return True
+        return "*" in self.allowed_origins or origin in self.allowed_origins
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size and shape limits. Defaults are the HTTP Tracking API's documented ones."""
+
+    # "a maximum of 15KB per call"
+    max_call_bytes: int = 15 * KIB
+    # "our batch endpoint accepts a maximum of 500KB per batch"
+    max_batch_bytes: int = 500 * KIB
+    # "... and 15KB per call" inside a batch
+    max_event_bytes: int = 15 * KIB
+    # deeper JSON than this is refused before anything walks it recursively
+    max_depth: int = 64
+    # longest messageId kept as a dedup key
+    max_message_id_length: int = 255
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_call_bytes",
+            "max_batch_bytes",
+            "max_event_bytes",
+            "max_depth",
+            "max_message_id_length",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"Limits.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorConfig:
+    """Everything the collector needs to know.
+
+    :param sources: the sources whose write keys are accepted.
+    :param storage: a storage URL: ``sqlite:///path.db`` (default), ``memory://``.
+    :param prefix: where the routes live inside the host app, e.g. ``"/collect"`` gives
+        ``/collect/v1/track``. Empty mounts them at the root.
+    :param limits: size limits, see :class:`Limits`.
+    :param trusted_proxies: addresses or CIDR networks of reverse proxies whose
+        ``X-Forwarded-For`` is believed when setting ``context.ip``.
+    :param max_future_seconds: a corrected timestamp further than this ahead of
+        ``receivedAt`` is replaced by ``receivedAt``.
+    :param record_unauthenticated: also record requests refused for a bad write key,
+        so a misconfigured client shows up in ``fp-collect rejections``.
+    :param commit_timeout: seconds a request waits for its commit before it is
+        answered 503 (the events may still be written; clients retry and dedup holds).
+    """
+
+    sources: tuple[Source, ...] = ()
+    storage: str = "sqlite:///fp_collect.db"
+    prefix: str = ""
+    limits: Limits = field(default_factory=Limits)
+    trusted_proxies: tuple[str, ...] = ()
+    max_future_seconds: float = 300.0
+    record_unauthenticated: bool = True
+    commit_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        sources = tuple(self.sources)
+        if not all(isinstance(s, Source) for s in sources):
+            raise ConfigError("sources must be Source objects")
+        object.__setattr__(self, "sources", sources)
+        seen_keys: set[str] = set()
+        seen_ids: set[str] = set()
+        for source in sources:
+            if source.write_key in seen_keys:
+                raise ConfigError(f"two sources share the write key of source {source.id!r}")
+            if source.id in seen_ids:
+                raise ConfigError(f"two sources share the id {source.id!r}")
+            seen_keys.add(source.write_key)
+            seen_ids.add(source.id)
+        object.__setattr__(self, "prefix", normalise_prefix(self.prefix))
+        if not isinstance(self.storage, str) or "://" not in self.storage:
+            raise ConfigError(
+                f"storage must be a URL such as 'sqlite:///events.db' or 'memory://', "
+                f"got {self.storage!r}"
+            )
+        object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
+        self.proxy_networks()  # validates
+        if self.max_future_seconds < 0:
+            raise ConfigError("max_future_seconds must not be negative")
+        if self.commit_timeout <= 0:
+            raise ConfigError("commit_timeout must be positive")
+
+    def proxy_networks(self) -> tuple[IPNetwork, ...]:
+        networks = []
+        for entry in self.trusted_proxies:
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError as exc:
+                raise ConfigError(f"trusted proxy {entry!r} is not an address or CIDR") from exc
+        return tuple(networks)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: object
+    ) -> CollectorConfig:
+        """Build a configuration from ``FP_COLLECT_*`` variables.
+
+        ``FP_COLLECT_STORAGE``, ``FP_COLLECT_PREFIX``, ``FP_COLLECT_WRITE_KEY`` (one or
+        more keys separated by commas), ``FP_COLLECT_ALLOWED_ORIGINS`` (comma separated)
+        and ``FP_COLLECT_TRUSTED_PROXIES`` (comma separated). Keyword overrides win.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        if env.get("FP_COLLECT_STORAGE"):
+            values["storage"] = env["FP_COLLECT_STORAGE"]
+        if env.get("FP_COLLECT_PREFIX"):
+            values["prefix"] = env["FP_COLLECT_PREFIX"]
+        if env.get("FP_COLLECT_TRUSTED_PROXIES"):
+            values["trusted_proxies"] = tuple(_split(env["FP_COLLECT_TRUSTED_PROXIES"]))
+        if env.get("FP_COLLECT_WRITE_KEY"):
+            origins = tuple(_split(env.get("FP_COLLECT_ALLOWED_ORIGINS", "*"))) or ("*",)
+            values["sources"] = tuple(
+                Source(write_key=key, allowed_origins=origins)
+                for key in _split(env["FP_COLLECT_WRITE_KEY"])
+            )
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def normalise_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str):
+        raise ConfigError("prefix must be a string such as '/collect'")
+    prefix = prefix.strip()
+    if prefix in ("", "/"):
+        return ""
+    if not prefix.startswith("/"):
+        prefix = "/" + prefix
+    if any(c in prefix for c in "?#") or "//" in prefix:
+        raise ConfigError(f"prefix {prefix!r} must be a plain path such as '/collect'")
+    return prefix.rstrip("/")
+
+
+def _split(value: str) -> Iterable[str]:
+    return (part.strip() for part in value.split(",") if part.strip())

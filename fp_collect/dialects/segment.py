@@ -1,0 +1,464 @@
+"""The Segment-spec HTTP Tracking API (seed 004).
+
+``/v1/{identify,track,page,screen,group,alias}`` and their one-letter forms, the
+batch endpoints (``/v1/batch``, ``/v1/import``, analytics.js's ``/v1/b``), the GET
+tracking pixel and the webhook. Answers follow the seed: ``{"success": true}``,
+``{"Error","Message","Details"}`` for a refused call and
+``{"Success": false, "Errors": [...]}`` for batches.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs
+
+from fp_collect import responses
+from fp_collect.auth import invalid_write_key
+from fp_collect.config import Source
+from fp_collect.decoding import dumps
+from fp_collect.dialects import Route
+from fp_collect.errors import ItemRejected, RequestRejected
+from fp_collect.http import Request, Response
+from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, as_text
+from fp_collect.store.base import Batch, EventRecord, Outcome, RejectionRecord
+from fp_collect.timestamps import parse_iso
+
+MESSAGE_TYPES = ("identify", "track", "page", "screen", "group", "alias")
+_VALID_TYPES = frozenset(MESSAGE_TYPES)
+PIXEL_TYPES = ("track", "page", "screen", "identify", "group", "alias")
+_STRING_FIELDS = (
+    "userId",
+    "anonymousId",
+    "messageId",
+    "event",
+    "name",
+    "category",
+    "groupId",
+    "previousId",
+)
+_OBJECT_FIELDS = ("context", "integrations", "properties", "traits")
+_TIME_FIELDS = ("timestamp", "sentAt")
+_UNAVAILABLE = responses.json_response(
+    HTTPStatus.SERVICE_UNAVAILABLE,
+    responses.single_error(
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "The event store is unavailable, retry later",
+    ),
+    [("retry-after", "5")],
+)
+_UNAVAILABLE_PIXEL = responses.pixel(HTTPStatus.SERVICE_UNAVAILABLE, [("retry-after", "5")])
+
+
+def routes(pipeline: Pipeline) -> dict[str, Route]:
+    """Every Segment-spec path (relative to the mount prefix) and its route."""
+    api = SegmentAPI(pipeline)
+    limits = pipeline.limits
+    post = frozenset({"POST"})
+    table: dict[str, Route] = {}
+    for message_type in MESSAGE_TYPES:
+        route = Route(message_type, post, limits.max_call_bytes, api.single_handler(message_type))
+        table[f"/v1/{message_type}"] = route
+        table[f"/v1/{message_type[0]}"] = route
+    batch = Route("batch", post, limits.max_batch_bytes, api.batch)
+    for path in ("/v1/batch", "/v1/import", "/v1/b"):
+        table[path] = batch
+    webhook = Route("webhook", post, limits.max_batch_bytes, api.webhook)
+    table["/v1/webhook"] = table["/v1/w"] = webhook
+    for message_type in PIXEL_TYPES:
+        # The payload travels in the query string; the body is never read.
+        table[f"/v1/pixel/{message_type}"] = Route(
+            f"pixel/{message_type}", frozenset({"GET"}), 0, api.pixel_handler(message_type)
+        )
+    return table
+
+
+class SegmentAPI:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.limits = pipeline.limits
+
+    # -- endpoints --------------------------------------------------------------------
+
+    def single_handler(self, message_type: str) -> Any:
+        def handle(request: Request) -> Prepared:
+            incoming = self.pipeline.incoming(request)
+            payload: bytes | str = request.body
+            source: Source | None = None
+            try:
+                payload = self.pipeline.read_body(request, self.limits.max_call_bytes)
+                message = self._object(self.pipeline.parse(payload))
+                source = self._source(request, message)
+                self.pipeline.check_origin(source, incoming)
+                event = self._event(message, message_type, source, incoming)
+            except RequestRejected as rejected:
+                return self._refused(rejected, incoming, payload, source)
+            except ItemRejected as rejected:
+                as_request = RequestRejected(
+                    HTTPStatus.BAD_REQUEST, rejected.reason, rejected.message
+                )
+                return self._refused(as_request, incoming, payload, source)
+            return _accepted(Batch(events=[event]))
+
+        return handle
+
+    def batch(self, request: Request) -> Prepared:
+        incoming = self.pipeline.incoming(request)
+        payload: bytes | str = request.body
+        try:
+            payload = self.pipeline.read_body(request, self.limits.max_batch_bytes)
+            body = self._object(self.pipeline.parse(payload))
+        except RequestRejected as rejected:
+            return self._refused(rejected, incoming, payload, None, batch_shape=True)
+        return self._batch(body, payload, incoming, self.pipeline.request_credential(request))
+
+    def webhook(self, request: Request) -> Prepared:
+        """Analytics.js-formatted data from another system: one message or a batch.
+        ``?writeKey=`` overrides whatever key the payload carries."""
+        query_key = _query_value(request.query, "writeKey")
+        if query_key is None:
+            query_key = self.pipeline.request_credential(request)
+        incoming = self.pipeline.incoming(request)
+        payload: bytes | str = request.body
+        source: Source | None = None
+        try:
+            payload = self.pipeline.read_body(request, self.limits.max_batch_bytes)
+            body = self._object(self.pipeline.parse(payload))
+            if "batch" in body:
+                return self._batch(body, payload, incoming, query_key)
+            if len(payload) > self.limits.max_call_bytes:
+                raise RequestRejected(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    "payload_too_large",
+                    "Request entity too large",
+                    f"the limit is {self.limits.max_call_bytes} bytes",
+                )
+            source = self.pipeline.authenticate(query_key or body.get("writeKey"))
+            self.pipeline.check_origin(source, incoming)
+            event = self._event(body, None, source, incoming)
+        except RequestRejected as rejected:
+            return self._refused(rejected, incoming, payload, source)
+        except ItemRejected as rejected:
+            as_request = RequestRejected(HTTPStatus.BAD_REQUEST, rejected.reason, rejected.message)
+            return self._refused(as_request, incoming, payload, source)
+        return _accepted(Batch(events=[event]))
+
+    def pixel_handler(self, message_type: str) -> Any:
+        def handle(request: Request) -> Prepared:
+            """Always a 200 GIF: the pixel's caller (an <img>, a mail client) cannot act
+            on an error, so what was wrong is recorded instead of shown."""
+            incoming = self.pipeline.incoming(request)
+            data = _query_value(request.query, "data") or ""
+            payload: bytes | str = data
+            source: Source | None = None
+            try:
+                payload = _b64decode(data)
+                if len(payload) > self.limits.max_call_bytes:
+                    raise RequestRejected(
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        "payload_too_large",
+                        "Request entity too large",
+                    )
+                message = self._object(self.pipeline.parse(payload))
+                source = self.pipeline.authenticate(
+                    _query_value(request.query, "writeKey") or message.get("writeKey")
+                )
+                self.pipeline.check_origin(source, incoming)
+                event = self._event(message, message_type, source, incoming)
+            except (RequestRejected, ItemRejected) as rejected:
+                refused = (
+                    rejected
+                    if isinstance(rejected, RequestRejected)
+                    else RequestRejected(HTTPStatus.BAD_REQUEST, rejected.reason, rejected.message)
+                )
+                batch = Batch(
+                    rejections=self.pipeline.request_rejection(refused, incoming, payload, source)
+                )
+                return Prepared(batch, _always(responses.pixel()), _UNAVAILABLE_PIXEL)
+            return Prepared(Batch(events=[event]), _always(responses.pixel()), _UNAVAILABLE_PIXEL)
+
+        return handle
+
+    # -- shared steps -----------------------------------------------------------------
+
+    def _batch(
+        self, body: Message, payload: bytes | str, incoming: Incoming, request_key: str | None
+    ) -> Prepared:
+        try:
+            items = body.get("batch")
+            if not isinstance(items, list):
+                raise RequestRejected(
+                    HTTPStatus.BAD_REQUEST, "invalid_batch", "batch must be an array of events"
+                )
+            if not items:
+                raise RequestRejected(HTTPStatus.BAD_REQUEST, "empty_batch", "batch is empty")
+            defaults = BatchDefaults.from_body(body)
+            if request_key is None and isinstance(body.get("writeKey"), str):
+                request_key = body["writeKey"]
+            request_source = self.pipeline.keys.resolve(request_key)
+            item_keys = request_key is None and any(
+                isinstance(item, dict) and item.get("writeKey") for item in items
+            )
+            if request_source is None and not item_keys:
+                raise invalid_write_key()
+        except RequestRejected as rejected:
+            return self._refused(rejected, incoming, payload, None, batch_shape=True)
+
+        # Only when the whole body could exceed the per-event limit is each item measured.
+        measure = len(payload) > self.limits.max_event_bytes
+        batch = Batch()
+        errors: list[dict[str, object]] = []
+        for index, item in enumerate(items):
+            source = request_source
+            try:
+                if measure and len(dumps(item).encode()) > self.limits.max_event_bytes:
+                    raise ItemRejected(
+                        "event_too_large", f"event larger than {self.limits.max_event_bytes} bytes"
+                    )
+                if not isinstance(item, dict):
+                    raise ItemRejected("invalid_event", "each batch item must be a JSON object")
+                if source is None:
+                    source = self.pipeline.keys.resolve(item.get("writeKey"))
+                    if source is None:
+                        raise ItemRejected("invalid_write_key", "Invalid or missing writekey")
+                if not source.allows_origin(incoming.origin):
+                    raise ItemRejected("origin_not_allowed", "Origin not allowed for this source")
+                defaults.apply(item)
+                batch.events.append(self._event(item, None, source, incoming, defaults.sent_at))
+            except ItemRejected as rejected:
+                message_id = item.get("messageId") if isinstance(item, dict) else None
+                message_id = message_id if isinstance(message_id, str) else None
+                errors.append(_item_error(index, message_id, rejected))
+                batch.rejections.append(
+                    RejectionRecord(
+                        source_id=source.id if source else None,
+                        reason=rejected.reason,
+                        message=rejected.message,
+                        received_at=incoming.received_iso,
+                        endpoint=incoming.endpoint,
+                        payload=as_text(dumps(item)),
+                        index=index,
+                        message_id=message_id,
+                    )
+                )
+        if not errors:
+            return _accepted(batch)
+        status = HTTPStatus.MULTI_STATUS if batch.events else HTTPStatus.BAD_REQUEST
+        answer = responses.json_response(
+            status,
+            {
+                "Success": False,
+                "Errors": errors,
+                "code": "partial_success" if batch.events else "invalid_batch",
+                "message": f"{len(errors)} of {len(items)} events rejected",
+            },
+        )
+        return Prepared(batch, _always(answer), _UNAVAILABLE)
+
+    def _source(self, request: Request, message: Message) -> Source:
+        key = self.pipeline.request_credential(request)
+        return self.pipeline.authenticate(key if key is not None else message.get("writeKey"))
+
+    def _event(
+        self,
+        message: Message,
+        forced_type: str | None,
+        source: Source,
+        incoming: Incoming,
+        batch_sent_at: object = None,
+    ) -> EventRecord:
+        message_type = normalise_message(message, forced_type, self.limits.max_message_id_length)
+        # The key did its job in authentication; it is not part of the event.
+        message.pop("writeKey", None)
+        self.pipeline.enrich(message, incoming, batch_sent_at)
+        name = message.get("event") if message_type == "track" else message.get("name")
+        return EventRecord(
+            source_id=source.id,
+            message_id=message["messageId"],
+            type=message_type,
+            name=name if isinstance(name, str) else None,
+            user_id=message.get("userId") or None,
+            anonymous_id=message.get("anonymousId") or None,
+            timestamp=message["timestamp"],
+            received_at=incoming.received_iso,
+            payload=dumps(message),
+        )
+
+    def _refused(
+        self,
+        rejected: RequestRejected,
+        incoming: Incoming,
+        payload: bytes | str,
+        source: Source | None,
+        *,
+        batch_shape: bool = False,
+    ) -> Prepared:
+        batch = Batch(
+            rejections=self.pipeline.request_rejection(rejected, incoming, payload, source)
+        )
+        return Prepared(batch, _always(error_response(rejected, batch_shape)), _UNAVAILABLE)
+
+    @staticmethod
+    def _object(value: object) -> Message:
+        if not isinstance(value, dict):
+            raise RequestRejected(
+                HTTPStatus.BAD_REQUEST, "invalid_body", "the body must be a JSON object"
+            )
+        return value
+
+
+class BatchDefaults:
+    """Batch-level fields that apply to every item; the item's own fields win."""
+
+    __slots__ = ("context", "integrations", "sent_at")
+
+    def __init__(
+        self, context: Message | None, integrations: Message | None, sent_at: object
+    ) -> None:
+        self.context = context
+        self.integrations = integrations
+        self.sent_at = sent_at
+
+    @classmethod
+    def from_body(cls, body: Message) -> BatchDefaults:
+        context, integrations = body.get("context"), body.get("integrations")
+        for name, value in (("context", context), ("integrations", integrations)):
+            if value is not None and not isinstance(value, dict):
+                raise RequestRejected(
+                    HTTPStatus.BAD_REQUEST, "invalid_batch", f"batch-level {name} must be an object"
+                )
+        sent_at = body.get("sentAt")
+        # A malformed batch sentAt only disables skew correction; it costs no event.
+        if not isinstance(sent_at, str) or parse_iso(sent_at) is None:
+            sent_at = None
+        return cls(context or None, integrations or None, sent_at)
+
+    def apply(self, item: Message) -> None:
+        for name, shared in (("context", self.context), ("integrations", self.integrations)):
+            if shared is None:
+                continue
+            own = item.get(name)
+            if own is None:
+                item[name] = dict(shared)
+            elif isinstance(own, dict):
+                item[name] = {**shared, **own}
+
+
+def normalise_message(message: Message, forced_type: str | None, max_message_id: int) -> str:
+    """Validate ``message`` per the seed's field tables and bring it to normal form
+    in place: ``type`` set, a ``messageId`` generated when missing. Unknown fields are
+    kept. Returns the type; raises :class:`ItemRejected` naming the first problem.
+
+    Normalising a normalised message changes nothing.
+    """
+    message_type = forced_type or message.get("type")
+    if message_type not in _VALID_TYPES:
+        raise ItemRejected(
+            "invalid_type", "type must be one of identify, track, page, screen, group, alias"
+        )
+    for name in _STRING_FIELDS:
+        value = message.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ItemRejected("invalid_field", f"{name} must be a string")
+    for name in _OBJECT_FIELDS:
+        value = message.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise ItemRejected("invalid_field", f"{name} must be an object")
+    for name in _TIME_FIELDS:
+        value = message.get(name)
+        if value is not None and (not isinstance(value, str) or parse_iso(value) is None):
+            raise ItemRejected("invalid_timestamp", f"{name} must be an ISO-8601 date string")
+    if not (message.get("userId") or message.get("anonymousId")):
+        raise ItemRejected("missing_user_id", "userId or anonymousId is required")
+    if message_type == "track" and not message.get("event"):
+        raise ItemRejected("missing_event", "event is required for track")
+    elif message_type == "group" and not message.get("groupId"):
+        raise ItemRejected("missing_group_id", "groupId is required for group")
+    elif message_type == "alias" and not message.get("previousId"):
+        raise ItemRejected("missing_previous_id", "previousId is required for alias")
+    message_id = message.get("messageId")
+    if not message_id:
+        message["messageId"] = str(uuid.uuid4())
+    elif len(message_id) > max_message_id:
+        raise ItemRejected("invalid_field", f"messageId longer than {max_message_id} characters")
+    message["type"] = message_type
+    return message_type
+
+
+def error_response(rejected: RequestRejected, batch_shape: bool = False) -> Response:
+    """A refused request's answer. A bad write key gets the one identical answer on
+    every endpoint; other batch-endpoint errors use the batch shape."""
+    status = rejected.status
+    extra = [("retry-after", "5")] if status == HTTPStatus.SERVICE_UNAVAILABLE else None
+    if batch_shape and rejected.reason != "invalid_write_key":
+        error = responses.error_object(status, rejected.message, rejected.details)
+        if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+            # The seed's own words for an over-size batch.
+            error = {
+                "Error": "Bad Request",
+                "Message": "Error reading request body",
+                "Details": "HTTP request too large",
+            }
+        return responses.json_response(
+            status,
+            {
+                "Success": False,
+                "Errors": [error],
+                "code": rejected.reason,
+                "message": _join(rejected.message, rejected.details),
+            },
+            extra,
+        )
+    body = responses.single_error(status, rejected.reason, rejected.message, rejected.details)
+    return responses.json_response(status, body, extra)
+
+
+def _item_error(index: int, message_id: str | None, rejected: ItemRejected) -> dict[str, object]:
+    return {
+        "Error": "Bad Request",
+        "Message": rejected.message,
+        "Details": rejected.reason,
+        "index": index,
+        "messageId": message_id,
+        "code": rejected.reason,
+    }
+
+
+def _accepted(batch: Batch) -> Prepared:
+    return Prepared(batch, _always(responses.success()), _UNAVAILABLE)
+
+
+def _always(response: Response) -> Any:
+    """Segment answers do not depend on outcomes: a duplicate is answered like a success
+    so clients stop retrying it."""
+
+    def respond(_outcomes: Sequence[Outcome]) -> Response:
+        return response
+
+    return respond
+
+
+def _query_value(query: str, name: str) -> str | None:
+    values = parse_qs(query, keep_blank_values=True).get(name)
+    return values[-1] if values else None
+
+
+def _b64decode(data: str) -> bytes:
+    """Standard or URL-safe base64, padding optional (browsers and mailers vary)."""
+    cleaned = data.strip().replace("-", "+").replace("_", "/").replace(" ", "+")
+    cleaned += "=" * (-len(cleaned) % 4)
+    try:
+        return base64.b64decode(cleaned, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestRejected(
+            HTTPStatus.BAD_REQUEST, "invalid_pixel_data", "data must be base64-encoded JSON"
+        ) from exc
+
+
+def _join(message: str, details: str) -> str:
+    return f"{message}: {details}" if details else message

@@ -1,0 +1,43 @@
+"""Errors that carry the HTTP answer they should produce (the h11 habit)."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class ConfigError(ValueError):
+    """The collector's configuration is invalid; raised eagerly at start-up."""
+
+
+class RequestRejected(Exception):
+    """A whole request is refused.
+
+    ``reason`` is a stable machine code (stored with the rejection and returned as
+    ``code``); ``message`` is for humans; ``status`` is the HTTP status to answer.
+    """
+
+    def __init__(
+        self,
+        status: HTTPStatus,
+        reason: str,
+        message: str,
+        details: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.details = details
+
+
+class ItemRejected(Exception):
+    """One event is refused; its neighbours in the same batch are unaffected."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class StoreUnavailable(Exception):
+    """The store could not commit in time; the request is answered 503, never 2xx."""

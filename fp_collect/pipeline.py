@@ -1,0 +1,179 @@
+"""The shared stages of the core pipeline, used by every dialect.
+
+route -> decode -> authenticate -> validate -> enrich -> restrict: dialects own
+routing, validation and the shape of their answers; everything here is common.
+Sans-I/O: a function of the request, the configuration and the clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from fp_collect.auth import KeyRing, basic_username, invalid_write_key
+from fp_collect.clientip import ClientAddress
+from fp_collect.config import CollectorConfig, Source
+from fp_collect.decoding import check_content_type, decompress, parse_json, too_large
+from fp_collect.errors import RequestRejected
+from fp_collect.http import Request, Response
+from fp_collect.store.base import Batch, Outcome, RejectionRecord
+from fp_collect.timestamps import format_iso, parse_iso
+
+Message = dict[str, Any]
+# The latest/earliest instants format_iso can write (years 1 and 9999).
+_MIN_EPOCH, _MAX_EPOCH = -62135596800.0, 253402300799.0
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """Facts about one request that every event in it shares."""
+
+    received: float
+    received_iso: str
+    endpoint: str
+    ip: str | None
+    user_agent: str | None
+    origin: str | None
+
+
+@dataclass(slots=True)
+class Prepared:
+    """What the core decided for one request, before the store has spoken.
+
+    ``respond`` turns the store's outcomes (one per ``batch.events`` entry) into the
+    answer; ``unavailable`` is the answer when the store cannot commit in time.
+    """
+
+    batch: Batch
+    respond: Callable[[Sequence[Outcome]], Response]
+    unavailable: Response
+
+
+class Pipeline:
+    """Configuration-derived helpers, built once; O(1) work per request beyond the body."""
+
+    def __init__(self, config: CollectorConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.clock = clock
+        self.keys = KeyRing(config.sources)
+        self._client_address = ClientAddress(config.proxy_networks())
+
+    def incoming(self, request: Request) -> Incoming:
+        received = self.clock()
+        return Incoming(
+            received=received,
+            received_iso=format_iso(received),
+            endpoint=request.path,
+            ip=self._client_address.resolve(request.client, request.headers),
+            user_agent=request.headers.get("user-agent"),
+            origin=request.headers.get("origin"),
+        )
+
+    # -- decode ---------------------------------------------------------------------
+
+    def read_body(self, request: Request, limit: int) -> bytes:
+        """The request body, decompressed and within ``limit`` bytes, or 413/415/400."""
+        if request.body_too_large or len(request.body) > limit:
+            raise too_large(limit)
+        check_content_type(request.headers)
+        return decompress(request.body, request.headers, limit)
+
+    def parse(self, data: bytes | str) -> object:
+        return parse_json(data, self.limits.max_depth)
+
+    # -- authenticate -----------------------------------------------------------------
+
+    def request_credential(self, request: Request) -> str | None:
+        """The write key presented outside the body: HTTP Basic username."""
+        return basic_username(request.headers.get("authorization"))
+
+    def authenticate(self, key: object) -> Source:
+        source = self.keys.resolve(key)
+        if source is None:
+            raise invalid_write_key()
+        return source
+
+    def check_origin(self, source: Source, incoming: Incoming) -> None:
+        if not source.allows_origin(incoming.origin):
+            raise RequestRejected(
+                HTTPStatus.FORBIDDEN,
+                "origin_not_allowed",
+                "Origin not allowed for this source",
+                str(incoming.origin)[:200],
+            )
+
+    # -- enrich -------------------------------------------------------------------------
+
+    def enrich(self, message: Message, incoming: Incoming, batch_sent_at: object = None) -> None:
+        """Add what the server knows: ``receivedAt``, a skew-corrected ``timestamp``
+        (the client's value kept in ``originalTimestamp``), ``context.ip`` and
+        ``context.userAgent`` when the client did not send them.
+
+        Expects a validated message: ``timestamp``/``sentAt`` are ISO strings or absent.
+        """
+        message["receivedAt"] = incoming.received_iso
+        timestamp = message.get("timestamp")
+        event_time = parse_iso(timestamp) if isinstance(timestamp, str) else None
+        if event_time is None:
+            message["timestamp"] = incoming.received_iso
+        else:
+            message["originalTimestamp"] = timestamp
+            message["timestamp"] = format_iso(
+                self._corrected(event_time, message.get("sentAt", batch_sent_at), incoming)
+            )
+        context = message.get("context")
+        if not isinstance(context, dict):
+            context = message["context"] = {}
+        if incoming.ip is not None and not context.get("ip"):
+            context["ip"] = incoming.ip
+        if incoming.user_agent is not None and not context.get("userAgent"):
+            context["userAgent"] = incoming.user_agent
+
+    def _corrected(self, event_time: float, sent_at: object, incoming: Incoming) -> float:
+        """Shift the event by the client's clock error, measured as sentAt - receivedAt."""
+        sent = parse_iso(sent_at) if isinstance(sent_at, str) else None
+        corrected = event_time if sent is None else incoming.received - (sent - event_time)
+        if corrected > incoming.received + self.config.max_future_seconds:
+            # A clock far in the future would put the event ahead of everything else.
+            return incoming.received
+        if not _MIN_EPOCH <= corrected <= _MAX_EPOCH:
+            return event_time
+        return corrected
+
+    # -- record -----------------------------------------------------------------------
+
+    def request_rejection(
+        self,
+        rejected: RequestRejected,
+        incoming: Incoming,
+        payload: bytes | str,
+        source: Source | None,
+    ) -> list[RejectionRecord]:
+        """The record of a refused request (empty when configured not to keep it)."""
+        if source is None and not self.config.record_unauthenticated:
+            return []
+        return [
+            RejectionRecord(
+                source_id=source.id if source else None,
+                reason=rejected.reason,
+                message=_with_details(rejected.message, rejected.details),
+                received_at=incoming.received_iso,
+                endpoint=incoming.endpoint,
+                payload=as_text(payload),
+            )
+        ]
+
+
+def as_text(payload: bytes | str) -> str:
+    """Raw bytes as text for storage, invalid UTF-8 kept visible as escapes."""
+    if isinstance(payload, str):
+        return payload.encode("utf-8", "backslashreplace").decode("utf-8")
+    return payload.decode("utf-8", "backslashreplace")
+
+
+def _with_details(message: str, details: str) -> str:
+    return f"{message}: {details}" if details else message

@@ -1,0 +1,171 @@
+"""The storage contract every backend implements.
+
+The core decides *what* to write and which claims each event needs; a backend only
+applies a :class:`Batch` atomically and reports one :class:`Outcome` per event. That
+is what keeps dedup exact across threads, processes and machines: the store decides.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A uniqueness claim an event must win to be stored.
+
+    Within one source, only one event may hold ``(kind, key)`` at a time. A claim
+    made at ``at`` (epoch seconds) holds until ``until``, or forever when ``until`` is
+    None. An event whose claim is still held by an earlier one is not stored; it is
+    recorded as a rejection with reason ``kind``.
+    """
+
+    kind: str
+    key: str
+    at: float
+    until: float | None = None
+
+
+@dataclass(slots=True)
+class EventRecord:
+    """One accepted event, ready to write. ``payload`` is the JSON text kept verbatim."""
+
+    source_id: str
+    message_id: str
+    type: str
+    name: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    timestamp: str
+    received_at: str
+    payload: str
+    claims: tuple[Claim, ...] = ()
+
+
+@dataclass(slots=True)
+class RejectionRecord:
+    """Something refused, kept with its reason so nothing is silently lost.
+
+    ``payload`` holds the raw text as received (the item, or the whole body when the
+    request itself was refused). ``source_id`` is None when no source was resolved.
+    """
+
+    source_id: str | None
+    reason: str
+    message: str
+    received_at: str
+    endpoint: str
+    payload: str
+    index: int | None = None
+    message_id: str | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one request asks the store to commit, all or nothing."""
+
+    events: list[EventRecord] = field(default_factory=list)
+    rejections: list[RejectionRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one event: stored, or not stored and why."""
+
+    stored: bool
+    reason: str | None = None
+
+
+STORED = Outcome(True)
+DUPLICATE = Outcome(False, "duplicate_message_id")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    id: int
+    source_id: str
+    message_id: str
+    type: str
+    name: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    timestamp: str
+    received_at: str
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRejection:
+    id: int
+    source_id: str | None
+    reason: str
+    message: str
+    received_at: str
+    endpoint: str
+    payload: str
+    index: int | None
+    message_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Filters for reading back. ``since`` compares with ``received_at`` (ISO, UTC).
+
+    ``after_id`` is a cursor: only rows with a larger id. Rows come in id order.
+    ``type`` filters events by type and rejections by reason.
+    """
+
+    source_id: str | None = None
+    type: str | None = None
+    since: str | None = None
+    after_id: int = 0
+    limit: int | None = None
+
+
+class Store(abc.ABC):
+    """A storage backend. Thread-safe; one instance serves the whole process."""
+
+    @abc.abstractmethod
+    def submit(self, batch: Batch) -> Future[list[Outcome]]:
+        """Queue ``batch`` for an atomic commit; the future resolves after it is durable.
+
+        The future's result has one outcome per ``batch.events`` entry, in order. It
+        raises :class:`~fp_collect.errors.StoreUnavailable` if the commit failed.
+        """
+
+    def commit(self, batch: Batch, timeout: float | None = None) -> list[Outcome]:
+        """Commit ``batch`` and wait for it: the blocking form of :meth:`submit`."""
+        return self.submit(batch).result(timeout)
+
+    @abc.abstractmethod
+    def events(self, query: Query = Query()) -> Iterator[StoredEvent]:
+        """Stored events matching ``query``, in storage order."""
+
+    @abc.abstractmethod
+    def rejections(self, query: Query = Query()) -> Iterator[StoredRejection]:
+        """Stored rejections matching ``query``, in storage order."""
+
+    def close(self) -> None:
+        """Finish pending commits and release resources. Idempotent."""
+        return None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def claim_is_held(held_until: float | None, at: float) -> bool:
+    """Whether a claim held until ``held_until`` still blocks a new one made at ``at``."""
+    return held_until is None or held_until > at
+
+
+def resolved(outcomes: Sequence[Outcome]) -> Future[list[Outcome]]:
+    """A future that is already done, for stores that commit synchronously."""
+    future: Future[list[Outcome]] = Future()
+    future.set_result(list(outcomes))
+    return future

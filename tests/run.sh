@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command: builds a virtualenv in .venv (once), installs fp-collect with its
+# test and lint extras, then runs ruff, mypy --strict and the test suite.
+# Extra arguments go to pytest, e.g.  bash tests/run.sh -k segment
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+"$VENV/bin/ruff" check fp_collect adapters tests examples benchmarks
+"$VENV/bin/ruff" format --check fp_collect adapters tests examples benchmarks
+"$VENV/bin/mypy" fp_collect adapters
+exec "$VENV/bin/python" -m pytest "$@"
