@@ -2,22 +2,27 @@
 
 ujson is fast but lenient: it accepts NaN and Infinity, turns 1e400 into inf, keeps
 integers of any size and lets lone UTF-16 surrogates through (escaped or as raw
-bytes). None of those can be stored and read back faithfully, so after parsing we
-look for them, and for absurd nesting. A regex over the raw bytes finds whether any
-of them can possibly be present; only then is the parsed value walked.
+bytes). None of those can be stored and read back faithfully. Walking every parsed
+value to find them would cost as much as the parse itself, so the checks are split:
+
+* non-finite numbers and surrogates make the strict serialiser (:func:`encode_event`)
+  fail, and every event is serialised for storage anyway, so they cost nothing extra
+  and refuse only the event that carries them;
+* huge integers and deep nesting are found on the raw bytes first (a regex and a
+  bracket count); only a body that might hold one is walked.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from collections.abc import Mapping
 from http import HTTPStatus
+from itertools import accumulate
 
 import ujson
 
-from fp_collect.errors import RequestRejected
+from fp_collect.errors import ItemRejected, RequestRejected
 
 JSONValue = object
 
@@ -25,12 +30,14 @@ JSONValue = object
 _JSON_MEDIA_TYPES = frozenset({"application/json", "text/plain"})
 # Signed 64-bit: what SQLite, PostgreSQL bigint and most consumers can hold exactly.
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
-# Any token that might parse into something we refuse: NaN/Infinity, surrogate
-# escapes or raw surrogate bytes, long digit runs (possibly huge ints) and 3-digit
-# exponents (possibly overflowing floats).
-_SUSPICIOUS = re.compile(
-    rb"NaN|Infinity|\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]|[0-9]{19}|[eE][+-]?[0-9]{3}"
-)
+# Digit runs long enough to be an integer beyond 64 bits are found by mapping digits
+# to "9" and everything else to " " (a translate is ten times faster than a regex).
+_DIGITS_ONLY = bytes(0x39 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
+_LONG_DIGIT_RUN = b"9" * 19
+# For measuring nesting on the raw bytes: keep brackets, quotes and backslashes...
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'[]{}"\\')
+# ...then turn openers into +1 and closers into -1 (as signed bytes).
+_BRACKET_SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
 def check_content_type(headers: Mapping[str, str]) -> None:
@@ -113,14 +120,31 @@ def parse_json(data: bytes | str, max_depth: int) -> JSONValue:
             HTTPStatus.BAD_REQUEST, "invalid_json", "Invalid JSON", str(exc)[:200]
         ) from exc
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    needs_walk = _SUSPICIOUS.search(raw) is not None or (
-        raw.count(b"{") + raw.count(b"[") > max_depth
-    )
-    if needs_walk:
+    long_digits = _LONG_DIGIT_RUN in raw.translate(_DIGITS_ONLY)
+    if long_digits or not _shallow(raw, max_depth):
         problem = find_unstorable(value, max_depth)
         if problem is not None:
             raise RequestRejected(HTTPStatus.BAD_REQUEST, "invalid_json", "Invalid JSON", problem)
     return value
+
+
+def _shallow(raw: bytes, max_depth: int) -> bool:
+    """Whether valid JSON ``raw`` certainly nests no deeper than ``max_depth``.
+
+    Works on the bytes, in C-speed passes, so that the common case needs no walk over
+    the parsed value. Strings are dropped as ``""`` pairs once escapes are gone; if a
+    quote survives, some string holds a bracket and only a walk can tell (False).
+    """
+    if raw.count(b"{") + raw.count(b"[") <= max_depth:
+        return True
+    projection = raw.translate(None, _NOT_STRUCTURE)
+    if b"\\" in projection:
+        projection = projection.replace(b"\\\\", b"").replace(b'\\"', b"").replace(b"\\", b"")
+    projection = projection.replace(b'""', b"")
+    if b'"' in projection:
+        return False
+    signs = memoryview(projection.translate(_BRACKET_SIGNS)).cast("b")
+    return max(accumulate(signs), default=0) <= max_depth
 
 
 def find_unstorable(value: JSONValue, max_depth: int) -> str | None:
@@ -166,5 +190,29 @@ def _has_surrogate(text: str) -> bool:
 
 
 def dumps(value: JSONValue) -> str:
-    """Serialise compactly, keeping non-ASCII text as is (it was checked on the way in)."""
-    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
+    """Serialise compactly and strictly, keeping non-ASCII text as is.
+
+    Raises ValueError (OverflowError, UnicodeEncodeError) for NaN, infinities and lone
+    surrogates, which no JSON reader takes back.
+    """
+    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
+
+
+def encode_event(value: JSONValue) -> str:
+    """:func:`dumps` for an event: what cannot be stored refuses that event alone.
+
+    ujson writes lone surrogates into its output rather than failing, so the text is
+    encoded once here to find them (the store would fail on them later otherwise).
+    """
+    try:
+        text = dumps(value)
+        text.encode("utf-8")
+        return text
+    except (ValueError, OverflowError) as exc:
+        raise ItemRejected("invalid_json", f"the event cannot be stored as JSON: {exc}") from exc
+
+
+def dumps_lenient(value: JSONValue) -> str:
+    """Serialise anything ujson parsed, for the record of a rejection: surrogates are
+    escaped and NaN written out, so the record shows exactly what was refused."""
+    return ujson.dumps(value, ensure_ascii=True, escape_forward_slashes=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from http import HTTPStatus
 
-from fp_collect.decoding import dumps
+from fp_collect.decoding import dumps_lenient
 from fp_collect.http import HeaderList, Response
 
 JSON_HEADERS: HeaderList = [("content-type", "application/json")]
@@ -26,7 +26,7 @@ SUCCESS_BODY = b'{"success":true}'
 def json_response(
     status: HTTPStatus, body: object, extra_headers: HeaderList | None = None
 ) -> Response:
-    encoded = SUCCESS_BODY if body is _SUCCESS else dumps(body).encode()
+    encoded = SUCCESS_BODY if body is _SUCCESS else dumps_lenient(body).encode()
     headers = list(JSON_HEADERS)
     if extra_headers:
         headers.extend(extra_headers)

@@ -20,11 +20,11 @@ from urllib.parse import parse_qs
 from fp_collect import responses
 from fp_collect.auth import invalid_write_key
 from fp_collect.config import Source
-from fp_collect.decoding import dumps
+from fp_collect.decoding import dumps_lenient, encode_event
 from fp_collect.dialects import Route
 from fp_collect.errors import ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
-from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, as_text
+from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared
 from fp_collect.store.base import Batch, EventRecord, Outcome, RejectionRecord
 from fp_collect.timestamps import parse_iso
 
@@ -216,7 +216,7 @@ class SegmentAPI:
         for index, item in enumerate(items):
             source = request_source
             try:
-                if measure and len(dumps(item).encode()) > self.limits.max_event_bytes:
+                if measure and len(encode_event(item).encode()) > self.limits.max_event_bytes:
                     raise ItemRejected(
                         "event_too_large", f"event larger than {self.limits.max_event_bytes} bytes"
                     )
@@ -241,7 +241,7 @@ class SegmentAPI:
                         message=rejected.message,
                         received_at=incoming.received_iso,
                         endpoint=incoming.endpoint,
-                        payload=as_text(dumps(item)),
+                        payload=dumps_lenient(item),
                         index=index,
                         message_id=message_id,
                     )
@@ -286,7 +286,7 @@ class SegmentAPI:
             anonymous_id=message.get("anonymousId") or None,
             timestamp=message["timestamp"],
             received_at=incoming.received_iso,
-            payload=dumps(message),
+            payload=encode_event(message),
         )
 
     def _refused(
