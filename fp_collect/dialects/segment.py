@@ -24,7 +24,7 @@ from fp_collect.decoding import dumps_lenient, encode_event
 from fp_collect.dialects import Route
 from fp_collect.errors import ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
-from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared
+from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, as_text
 from fp_collect.store.base import Batch, EventRecord, Outcome, RejectionRecord
 from fp_collect.timestamps import parse_iso
 
@@ -232,7 +232,8 @@ class SegmentAPI:
                 batch.events.append(self._event(item, None, source, incoming, defaults.sent_at))
             except ItemRejected as rejected:
                 message_id = item.get("messageId") if isinstance(item, dict) else None
-                message_id = message_id if isinstance(message_id, str) else None
+                # as_text: a hostile messageId may hold a lone surrogate no store accepts.
+                message_id = as_text(message_id) if isinstance(message_id, str) else None
                 errors.append(_item_error(index, message_id, rejected))
                 batch.rejections.append(
                     RejectionRecord(

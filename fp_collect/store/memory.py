@@ -8,6 +8,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import islice
 
+from fp_collect.errors import StoreUnavailable
 from fp_collect.store.base import (
     DUPLICATE,
     STORED,
@@ -36,9 +37,12 @@ class MemoryStore(Store):
         self._rejections: list[StoredRejection] = []
         self._message_ids: set[tuple[str, str]] = set()
         self._claims: dict[tuple[str, str, str], _ClaimState] = {}
+        self._closed = False
 
     def submit(self, batch: Batch) -> Future[list[Outcome]]:
         with self._lock:
+            if self._closed:
+                raise StoreUnavailable("the store is closed")
             outcomes = [self._apply_event(event) for event in batch.events]
             for rejection in batch.rejections:
                 self._add_rejection(rejection)
@@ -101,6 +105,11 @@ class MemoryStore(Store):
                 message_id=rejection.message_id,
             )
         )
+
+    def close(self) -> None:
+        # Like every backend: no commits after close; what is stored stays readable.
+        with self._lock:
+            self._closed = True
 
     def events(self, query: Query = Query()) -> Iterator[StoredEvent]:
         with self._lock:

@@ -1,0 +1,357 @@
+"""``sqlite:///path.db``: the embedded default store, for one machine and many processes.
+
+Design:
+
+* **WAL.** Readers never block the writer and the writer never blocks readers, so read
+  queries use their own short-lived connections and never wait behind commits.
+* **One writer thread per store.** ``submit`` only enqueues; a single daemon thread owns
+  the write connection. Each time it wakes it drains everything queued (up to
+  ``MAX_GROUP`` batches) and commits it all in one transaction: one fsync serves many
+  concurrent requests (group commit).
+* **BEGIN IMMEDIATE.** The write lock is taken up front, so worker *processes* sharing the
+  file queue up on ``busy_timeout`` instead of failing half-way with SQLITE_BUSY, and every
+  check-then-write below is atomic across processes. The UNIQUE constraint on
+  ``(source_id, message_id)`` still has the last word on dedup.
+* **One SAVEPOINT per batch.** A batch that fails rolls back alone and fails only its own
+  future; the rest of the group still commits.
+* **Durable before success.** Futures resolve only after COMMIT returns. If the group
+  cannot commit, every future in it gets :class:`StoreUnavailable`; the writer drops its
+  connection, opens a fresh one for the next group and keeps serving.
+
+``synchronous="FULL"`` (the default) makes a commit survive power loss. ``"NORMAL"`` is
+faster but may lose the last commits on power loss (never on a process crash).
+
+After :meth:`SQLiteStore.close`, ``submit`` raises :class:`StoreUnavailable` (not
+RuntimeError) so requests racing a graceful shutdown are answered 503, not 500.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import closing
+from typing import Any, Literal
+
+from fp_collect.errors import ConfigError, StoreUnavailable
+from fp_collect.store.base import (
+    DUPLICATE,
+    STORED,
+    Batch,
+    EventRecord,
+    Outcome,
+    Query,
+    RejectionRecord,
+    Store,
+    StoredEvent,
+    StoredRejection,
+    claim_is_held,
+)
+
+SCHEMA_VERSION = 1
+MAX_GROUP = 512
+
+_SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version (version)
+    SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM schema_version);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    source_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    name TEXT,
+    user_id TEXT,
+    anonymous_id TEXT,
+    timestamp TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    UNIQUE (source_id, message_id)
+);
+CREATE INDEX IF NOT EXISTS events_source ON events (source_id, id);
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY,
+    source_id TEXT,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    idx INTEGER,
+    message_id TEXT
+);
+CREATE INDEX IF NOT EXISTS rejections_source ON rejections (source_id, id);
+CREATE INDEX IF NOT EXISTS rejections_received ON rejections (received_at);
+CREATE TABLE IF NOT EXISTS claims (
+    source_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    until REAL,
+    PRIMARY KEY (source_id, kind, key)
+);
+COMMIT;
+"""
+
+_EVENT_COLUMNS = (
+    "id, source_id, message_id, type, name, user_id, anonymous_id, timestamp, received_at, payload"
+)
+_REJECTION_COLUMNS = (
+    "id, source_id, reason, message, received_at, endpoint, payload, idx, message_id"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (source_id, message_id, type, name, user_id, anonymous_id, timestamp,"
+    " received_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (source_id, message_id) DO NOTHING"
+)
+_INSERT_REJECTION = (
+    "INSERT INTO rejections (source_id, reason, message, received_at, endpoint, payload, idx,"
+    " message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_Job = tuple[Batch, Future[list[Outcome]]]
+_Row = tuple[Any, ...]
+
+
+class SQLiteStore(Store):
+    """A WAL-mode SQLite file shared by any number of threads and worker processes."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ConfigError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
+        self._path = os.fspath(path)
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self._create_schema()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._conn: sqlite3.Connection | None = None  # owned by the writer thread only
+        self._lock = threading.Lock()
+        self._closed = False
+        self._writer = threading.Thread(target=self._run, name="fp-collect-sqlite", daemon=True)
+        self._writer.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves; the module's implicit
+        # transactions would start deferred ones, which fail under multi-process contention.
+        # ``timeout`` is SQLite's busy timeout: wait for other processes' locks, then fail.
+        return sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
+
+    def _create_schema(self) -> None:
+        try:
+            with closing(self._connect()) as conn:
+                (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                if mode != "wal":
+                    raise ConfigError(f"SQLite store {self._path!r} needs a file that supports WAL")
+                conn.executescript(_SCHEMA)
+                (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite store {self._path!r}: {exc}") from exc
+        if version != SCHEMA_VERSION:
+            raise ConfigError(f"{self._path!r} has schema version {version}, expected 1")
+
+    # -- writing -------------------------------------------------------------------------
+
+    def submit(self, batch: Batch) -> Future[list[Outcome]]:
+        future: Future[list[Outcome]] = Future()
+        # The lock orders submit against close, so no job lands behind the stop sentinel.
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable(f"SQLite store {self._path!r} is closed")
+            self._queue.put((batch, future))
+        return future
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            group = [first]
+            while len(group) < MAX_GROUP:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                group.append(job)
+            self._commit_group(group)
+        if self._conn is not None:
+            self._conn.close()
+
+    def _commit_group(self, group: list[_Job]) -> None:
+        # A caller may have cancelled its future while it waited; it is then not written.
+        group = [
+            (batch, future) for batch, future in group if future.set_running_or_notify_cancel()
+        ]
+        if not group:
+            return
+        results: list[tuple[Future[list[Outcome]], list[Outcome] | BaseException]] = []
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+                self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            for batch, future in group:
+                results.append((future, self._apply_in_savepoint(conn, batch)))
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - any failure here must reach every caller
+            if self._conn is not None:
+                self._conn.close()  # rolls back; the next group reconnects from scratch
+                self._conn = None
+            for _, future in group:
+                future.set_exception(_unavailable(f"SQLite commit failed: {exc}", exc))
+            return
+        for future, result in results:
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def _apply_in_savepoint(
+        self, conn: sqlite3.Connection, batch: Batch
+    ) -> list[Outcome] | BaseException:
+        conn.execute("SAVEPOINT batch")
+        try:
+            outcomes = self._apply(conn, batch)
+        except Exception as exc:  # reported on this batch's future only
+            if not conn.in_transaction:
+                # Some errors (disk full, I/O) make SQLite roll back the whole
+                # transaction: the other batches are gone too, so fail the group.
+                raise
+            conn.execute("ROLLBACK TO batch")
+            conn.execute("RELEASE batch")
+            return _unavailable(f"batch not stored: {exc}", exc)
+        conn.execute("RELEASE batch")
+        return outcomes
+
+    def _apply(self, conn: sqlite3.Connection, batch: Batch) -> list[Outcome]:
+        outcomes = [self._apply_event(conn, event) for event in batch.events]
+        refused = [
+            RejectionRecord(
+                source_id=event.source_id,
+                reason=outcome.reason or "rejected",
+                message=f"not stored: {outcome.reason}",
+                received_at=event.received_at,
+                endpoint="",
+                payload=event.payload,
+                message_id=event.message_id,
+            )
+            for event, outcome in zip(batch.events, outcomes, strict=True)
+            if not outcome.stored
+        ]
+        rows = [
+            (r.source_id, r.reason, r.message, r.received_at, r.endpoint, r.payload, r.index,
+             r.message_id)
+            for r in (*refused, *batch.rejections)
+        ]  # fmt: skip
+        if rows:
+            conn.executemany(_INSERT_REJECTION, rows)
+        return outcomes
+
+    def _apply_event(self, conn: sqlite3.Connection, event: EventRecord) -> Outcome:
+        blocked_by: str | None = None
+        for claim in event.claims:
+            row = conn.execute(
+                "SELECT until FROM claims WHERE source_id = ? AND kind = ? AND key = ?",
+                (event.source_id, claim.kind, claim.key),
+            ).fetchone()
+            if row is not None and claim_is_held(row[0], claim.at):
+                blocked_by = claim.kind
+                break
+        if blocked_by is not None:
+            # A duplicate is reported as such even when its claim is also held.
+            duplicate = conn.execute(
+                "SELECT 1 FROM events WHERE source_id = ? AND message_id = ?",
+                (event.source_id, event.message_id),
+            ).fetchone()
+            return DUPLICATE if duplicate else Outcome(False, blocked_by)
+        inserted = conn.execute(
+            _INSERT_EVENT,
+            (
+                event.source_id,
+                event.message_id,
+                event.type,
+                event.name,
+                event.user_id,
+                event.anonymous_id,
+                event.timestamp,
+                event.received_at,
+                event.payload,
+            ),
+        ).rowcount
+        if not inserted:
+            return DUPLICATE
+        if event.claims:
+            conn.executemany(
+                "INSERT OR REPLACE INTO claims (source_id, kind, key, until) VALUES (?, ?, ?, ?)",
+                [(event.source_id, c.kind, c.key, c.until) for c in event.claims],
+            )
+        return STORED
+
+    # -- reading -------------------------------------------------------------------------
+
+    def events(self, query: Query = Query()) -> Iterator[StoredEvent]:
+        rows = self._select("events", _EVENT_COLUMNS, "type", query)
+        return (StoredEvent(*row) for row in rows)
+
+    def rejections(self, query: Query = Query()) -> Iterator[StoredRejection]:
+        rows = self._select("rejections", _REJECTION_COLUMNS, "reason", query)
+        return (StoredRejection(*row) for row in rows)
+
+    def _select(self, table: str, columns: str, type_column: str, query: Query) -> list[_Row]:
+        if query.limit is not None and query.limit < 0:
+            raise ValueError(f"limit must be None or >= 0, not {query.limit}")
+        where = ["id > ?"]
+        params: list[object] = [query.after_id]
+        if query.source_id is not None:
+            where.append("source_id = ?")
+            params.append(query.source_id)
+        if query.type is not None:
+            where.append(f"{type_column} = ?")
+            params.append(query.type)
+        if query.since is not None:
+            where.append("received_at >= ?")
+            params.append(query.since)
+        sql = f"SELECT {columns} FROM {table} WHERE {' AND '.join(where)} ORDER BY id"
+        if query.limit is not None:
+            sql += " LIMIT ?"
+            params.append(query.limit)
+        # A fresh connection per read keeps readers off the writer's connection and
+        # leaves nothing open to leak; WAL lets it read while the writer commits.
+        try:
+            with closing(self._connect()) as conn:
+                return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite read failed: {exc}") from exc
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Commit everything already submitted, stop the writer and close the file."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)
+        if threading.current_thread() is not self._writer:
+            self._writer.join()
+
+
+def _unavailable(message: str, cause: BaseException) -> StoreUnavailable:
+    # One instance per future: a shared exception would have its traceback rewritten by
+    # every thread that raises it.
+    error = StoreUnavailable(message)
+    error.__cause__ = cause
+    return error

@@ -1,0 +1,162 @@
+"""What only the SQLite store promises: durability, threads, processes, failure isolation."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
+import pytest
+
+from fp_collect.errors import ConfigError, StoreUnavailable
+from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outcome, open_store
+from fp_collect.store.sqlite import SQLiteStore
+
+TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
+
+
+def event(
+    message_id: str, *, payload: object = "{}", claims: tuple[Claim, ...] = ()
+) -> EventRecord:
+    return EventRecord(
+        source_id="src",
+        message_id=message_id,
+        type="track",
+        name="Clicked",
+        user_id=None,
+        anonymous_id="anon",
+        timestamp="2024-05-01T12:00:00Z",
+        received_at="2024-05-01T12:00:01Z",
+        payload=payload,  # type: ignore[arg-type]
+        claims=claims,
+    )
+
+
+def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    with SQLiteStore(path) as store:
+        assert store.commit(Batch(events=[event("m1"), event("m1")])) == [STORED, DUPLICATE]
+    with open_store(f"sqlite:///{path}") as store:
+        assert [row.message_id for row in store.events()] == ["m1"]
+        assert [row.reason for row in store.rejections()] == ["duplicate_message_id"]
+        assert store.commit(Batch(events=[event("m1")])) == [DUPLICATE]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    conn.close()
+
+
+def test_threads_store_each_message_id_once(tmp_path: Path) -> None:
+    ids = [f"m{i}" for i in range(200)]
+
+    def submit_all(store: SQLiteStore) -> list[Outcome]:
+        batches = [Batch(events=[event(i) for i in ids[n : n + 10]]) for n in range(0, 200, 10)]
+        futures = [store.submit(batch) for batch in batches]
+        return [outcome for future in futures for outcome in future.result(TIMEOUT)]
+
+    with SQLiteStore(tmp_path / "t.db", synchronous="NORMAL") as store:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(submit_all, [store] * 8))
+        per_id = Counter(
+            i for outcomes in results for i, o in zip(ids, outcomes, strict=True) if o.stored
+        )
+        assert per_id == Counter(ids)
+        assert sorted(row.message_id for row in store.events()) == sorted(ids)
+        assert len(list(store.rejections())) == 7 * 200
+
+
+def _worker(path: str, worker: int, barrier: Barrier, results: Queue[list[Outcome]]) -> None:
+    with SQLiteStore(path) as store:
+        barrier.wait(TIMEOUT)
+        outcomes: list[Outcome] = []
+        for n in range(0, 100, 10):
+            shared = [event(f"m{i}") for i in range(n, n + 10)]
+            # Distinct message ids, same claims: only the claim can refuse these.
+            claimed = [
+                event(f"w{worker}-{i}", claims=(Claim("order_id", f"o{i}", at=1.0),))
+                for i in range(n, n + 10)
+            ]
+            outcomes += store.commit(Batch(events=shared + claimed), TIMEOUT)
+        results.put(outcomes)
+
+
+def test_two_processes_share_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Spawned children unpickle _worker by module name; under --import-mode=importlib
+    # that name is not importable unless its root is on sys.path (children inherit it).
+    monkeypatch.syspath_prepend(Path(__file__).parents[__name__.count(".")])
+    path = str(tmp_path / "t.db")
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    results: Queue[list[Outcome]] = ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(path, n, barrier, results)) for n in range(2)]
+    for process in workers:
+        process.start()
+    outcomes = [results.get(timeout=TIMEOUT) for _ in workers]
+    for process in workers:
+        process.join(TIMEOUT)
+        assert process.exitcode == 0
+    counts = Counter(outcome for worker in outcomes for outcome in worker)
+    assert counts == {STORED: 200, DUPLICATE: 100, Outcome(False, "order_id"): 100}
+    with SQLiteStore(path) as store:
+        stored = [row.message_id for row in store.events()]
+    assert sorted(m for m in stored if m.startswith("m")) == sorted(f"m{i}" for i in range(100))
+    assert len(stored) == len(set(stored)) == 200
+    won = Counter(m.split("-")[1] for m in stored if m.startswith("w"))
+    assert won == Counter(str(i) for i in range(100))
+
+
+def _hold_write_lock(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def test_a_failing_batch_fails_alone(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    with SQLiteStore(path) as store:
+        # While another connection holds the write lock the writer cannot commit, so
+        # both batches below are queued together and land in the same group.
+        blocker = _hold_write_lock(path)
+        bad = store.submit(Batch(events=[event("ok-too"), event("bad", payload=object())]))
+        good = store.submit(Batch(events=[event("good")]))
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        with pytest.raises(StoreUnavailable) as raised:
+            bad.result(TIMEOUT)
+        assert isinstance(raised.value.__cause__, sqlite3.Error)
+        assert good.result(TIMEOUT) == [STORED]
+        assert [row.message_id for row in store.events()] == ["good"]
+
+
+def test_commit_failure_fails_the_group_and_the_writer_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    with SQLiteStore(path, busy_timeout=0.01) as store:
+        blocker = _hold_write_lock(path)
+        first, second = store.submit(Batch(events=[event("m1")])), store.submit(Batch())
+        for future in (first, second):
+            with pytest.raises(StoreUnavailable, match="locked"):
+                future.result(TIMEOUT)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+
+
+def test_close_drains_then_submit_raises(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    futures = [store.submit(Batch(events=[event(f"m{i}")])) for i in range(50)]
+    store.close()
+    assert all(future.result(0) == [STORED] for future in futures)
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.submit(Batch())
+    store.close()
+
+
+def test_bad_options_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        SQLiteStore(tmp_path / "t.db", synchronous="OFF")  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable):
+        SQLiteStore(tmp_path / "missing-dir" / "t.db")
