@@ -33,12 +33,13 @@ class CollectorMiddleware:
     ::
 
         from starlette.applications import Starlette
-        from fp_collect import Source
+        from fp_collect import Collector, Source
         from fp_collect.adapters.asgi import CollectorMiddleware
 
+        # Built here, a bad configuration fails at import, not on the first request.
+        collector = Collector(sources=[Source(write_key="...")], storage="sqlite:///events.db")
         app = Starlette(routes=[...])
-        app.add_middleware(CollectorMiddleware, sources=[Source(write_key="...")],
-                           storage="sqlite:///events.db")
+        app.add_middleware(CollectorMiddleware, collector=collector)
 
     :param app: the host application; None makes a standalone collector app that
         answers 404 for every other path (see :func:`collector_app`).

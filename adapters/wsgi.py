@@ -6,6 +6,7 @@ and stop a chunked body at the route's limit.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -64,11 +65,14 @@ def init_app(app: Flask, **options: Any) -> Collector:
         collector = init_app(app, sources=[Source(write_key="...")],
                              storage="sqlite:///events.db")
 
-    The collector is also kept as ``app.extensions["fp_collect"]``.
+    The collector is also kept as ``app.extensions["fp_collect"]``. WSGI has no
+    shutdown hook, so the store is closed when the interpreter exits (every request
+    has already waited for its own commit; this only releases the writer).
     """
     middleware = CollectorMiddleware(app.wsgi_app, **options)
     app.wsgi_app = middleware  # type: ignore[method-assign]
     app.extensions["fp_collect"] = middleware.collector
+    atexit.register(middleware.collector.close)
     return middleware.collector
 
 

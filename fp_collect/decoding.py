@@ -84,20 +84,28 @@ def decompress(body: bytes, headers: Mapping[str, str], limit: int) -> bytes:
             "Content-Encoding must be gzip or absent",
             f"got {encoding[:40]!r}",
         )
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    parts: list[bytes] = []
+    size = 0
+    remaining = body
     try:
-        data = inflater.decompress(body, limit + 1)
-        if len(data) > limit:
-            raise too_large(limit, "after decompression")
-        if not inflater.eof:
-            raise RequestRejected(
-                HTTPStatus.BAD_REQUEST, "invalid_gzip", "the gzip body is truncated"
-            )
+        # A gzip stream may hold several members back to back (RFC 1952 2.2).
+        while remaining:
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            data = inflater.decompress(remaining, limit + 1 - size)
+            size += len(data)
+            if size > limit:
+                raise too_large(limit, "after decompression")
+            if not inflater.eof:
+                raise RequestRejected(
+                    HTTPStatus.BAD_REQUEST, "invalid_gzip", "the gzip body is truncated"
+                )
+            parts.append(data)
+            remaining = inflater.unused_data
     except zlib.error as exc:
         raise RequestRejected(
             HTTPStatus.BAD_REQUEST, "invalid_gzip", "the body is not valid gzip", str(exc)
         ) from exc
-    return data
+    return b"".join(parts)
 
 
 def too_large(limit: int, where: str = "") -> RequestRejected:

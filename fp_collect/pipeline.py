@@ -20,11 +20,9 @@ from fp_collect.decoding import check_content_type, decompress, parse_json, too_
 from fp_collect.errors import RequestRejected
 from fp_collect.http import Request, Response
 from fp_collect.store.base import Batch, Outcome, RejectionRecord
-from fp_collect.timestamps import format_iso, parse_iso
+from fp_collect.timestamps import MAX_EPOCH, MIN_EPOCH, format_iso, parse_iso
 
 Message = dict[str, Any]
-# The latest/earliest instants format_iso can write (years 1 and 9999).
-_MIN_EPOCH, _MAX_EPOCH = -62135596800.0, 253402300799.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +138,7 @@ class Pipeline:
         if corrected > incoming.received + self.config.max_future_seconds:
             # A clock far in the future would put the event ahead of everything else.
             return incoming.received
-        if not _MIN_EPOCH <= corrected <= _MAX_EPOCH:
+        if not MIN_EPOCH <= corrected <= MAX_EPOCH:
             return event_time
         return corrected
 

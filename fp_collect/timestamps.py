@@ -25,12 +25,24 @@ _ISO = re.compile(
 
 # The same strings come back within a request (a batch's sentAt, each timestamp at
 # validation and again at enrichment), so a small cache saves most of the parsing.
+# The instants format_iso can write: years 1 to 9999 in UTC.
+MIN_EPOCH, MAX_EPOCH = -62135596800.0, 253402300799.999
+
+
 @lru_cache(maxsize=4096)
 def parse_iso(text: str) -> float | None:
-    """Epoch seconds for an ISO-8601 date or date-time, or None if ``text`` is not one.
+    """Epoch seconds for an ISO-8601 date or date-time, or None if ``text`` is not one
+    (or names an instant outside years 1 to 9999 in UTC).
 
     A value without an offset is taken as UTC.
     """
+    seconds = _parse(text)
+    if seconds is None or not MIN_EPOCH <= seconds <= MAX_EPOCH:
+        return None
+    return seconds
+
+
+def _parse(text: str) -> float | None:
     if _FAST and text[:4].isascii() and text[:4].isdigit():
         try:
             moment = datetime.fromisoformat(text)
