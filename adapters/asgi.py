@@ -74,6 +74,10 @@ class CollectorMiddleware:
                 await self.app(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            # A standalone collector has no websocket endpoint: refuse the handshake.
+            await receive()
+            await send({"type": "websocket.close", "code": 1000})
         elif scope["type"] == "http":
             await _send_response(
                 send,

@@ -120,7 +120,8 @@ class SegmentAPI:
     def webhook(self, request: Request) -> Prepared:
         """Analytics.js-formatted data from another system: one message or a batch.
         ``?writeKey=`` overrides whatever key the payload carries."""
-        query_key = _query_value(request.query, "writeKey")
+        # An empty ?writeKey= is no key at all, not a wrong one.
+        query_key = _query_value(request.query, "writeKey") or None
         if query_key is None:
             query_key = self.pipeline.request_credential(request)
         incoming = self.pipeline.incoming(request)
@@ -358,7 +359,7 @@ def normalise_message(message: Message, forced_type: str | None, max_message_id:
     Normalising a normalised message changes nothing.
     """
     message_type = forced_type or message.get("type")
-    if message_type not in _VALID_TYPES:
+    if not isinstance(message_type, str) or message_type not in _VALID_TYPES:
         raise ItemRejected(
             "invalid_type", "type must be one of identify, track, page, screen, group, alias"
         )
