@@ -1,0 +1,93 @@
+"""In-process benchmark of the core pipeline against the parse floor.
+
+Measures events/s through decode -> authenticate -> validate -> enrich (everything short
+of the store) for a single track call and a 100-event batch, next to ``ujson.loads``
+alone on the same bytes, and prints each as a ratio of that floor measured in the same
+run. Absolute numbers drift between runs on a shared machine; the ratios are the claim.
+
+    python benchmarks/core_pipeline.py            # about 10 s
+    python benchmarks/core_pipeline.py --quick    # a smoke run of a second or two
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import timeit
+import uuid
+from collections.abc import Callable
+
+import ujson
+
+from fp_collect import Collector, Request, Source
+from fp_collect.decoding import dumps
+
+WRITE_KEY = "bench-key"
+HEADERS = {
+    "authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(),
+    "content-type": "application/json",
+    "user-agent": "analytics-python/2.4.0",
+}
+
+
+def track_message(index: int) -> dict[str, object]:
+    """A track call shaped like segment-analytics-python's (about 600 bytes)."""
+    return {
+        "type": "track",
+        "userId": f"user-{index}",
+        "anonymousId": None,
+        "event": "Order Completed",
+        "messageId": str(uuid.uuid4()),
+        "timestamp": "2026-11-23T10:00:00.123+00:00",
+        "properties": {
+            "order_id": f"order-{index}",
+            "revenue": 42.5,
+            "currency": "EUR",
+            "products": [{"sku": "sku-1", "name": "Towel", "price": 12.5, "quantity": 2}],
+        },
+        "context": {
+            "library": {"name": "analytics-python", "version": "2.4.0"},
+            "page": {"path": "/checkout", "url": "https://shop.example/checkout"},
+        },
+        "integrations": {},
+    }
+
+
+def best_seconds(function: Callable[[], object], number: int, repeat: int) -> float:
+    return min(timeit.repeat(function, number=number, repeat=repeat)) / number
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    args = parser.parse_args()
+    number, repeat = (20, 2) if args.quick else (300, 5)
+
+    collector = Collector(sources=[Source(write_key=WRITE_KEY, id="bench")], storage="memory://")
+    single = dumps(track_message(0)).encode()
+    batch = dumps(
+        {"batch": [track_message(i) for i in range(100)], "sentAt": "2026-11-23T10:00:01.000Z"}
+    ).encode()
+    cases = [
+        ("/v1/track single", "/v1/track", single, 1),
+        ("/v1/batch x100", "/v1/batch", batch, 100),
+    ]
+
+    print(f"{'case':<18}{'bytes':>8}{'floor ev/s':>14}{'core ev/s':>14}{'ratio':>8}")
+    for label, path, body, events in cases:
+        route = collector.route(path)
+        assert route is not None
+        request = Request("POST", path, "", HEADERS, body, "203.0.113.7")
+        floor = best_seconds(lambda body=body: ujson.loads(body), number, repeat)
+        core = best_seconds(
+            lambda route=route, request=request: collector.prepare(route, request), number, repeat
+        )
+        print(
+            f"{label:<18}{len(body):>8}{events / floor:>14,.0f}{events / core:>14,.0f}"
+            f"{floor / core:>8.2f}"
+        )
+    collector.close()
+
+
+if __name__ == "__main__":
+    main()
