@@ -36,6 +36,11 @@ class Source:
     def __post_init__(self) -> None:
         if not isinstance(self.write_key, str) or not self.write_key:
             raise ConfigError("Source.write_key must be a non-empty string")
+        try:
+            self.write_key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # os.environ turns undecodable bytes into lone surrogates.
+            raise ConfigError("Source.write_key must be valid UTF-8 text") from exc
         if ":" in self.write_key:
             # HTTP Basic splits user:password at the first colon.
             raise ConfigError("Source.write_key must not contain ':'")

@@ -8,14 +8,12 @@ timestamp we produce as ``YYYY-MM-DDTHH:MM:SS.mmmZ``, which sorts as text.
 from __future__ import annotations
 
 import re
-import sys
 from datetime import datetime, timezone
 from functools import lru_cache
 
 _UTC = timezone.utc
-# Python 3.11's fromisoformat reads every ISO-8601 form clients send, in C. On 3.10
-# it does not know "Z", so the pattern below does the work there.
-_FAST = sys.version_info >= (3, 11)
+# One pattern decides on every Python version: 3.11's fromisoformat accepts more, and
+# reads "2020-01-01+05:00" differently.
 _ISO = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
     r"(?:[Tt ]([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:[.,]([0-9]{1,9}))?)?)?"
@@ -23,12 +21,12 @@ _ISO = re.compile(
 )
 
 
-# The same strings come back within a request (a batch's sentAt, each timestamp at
-# validation and again at enrichment), so a small cache saves most of the parsing.
 # The instants format_iso can write: years 1 to 9999 in UTC.
 MIN_EPOCH, MAX_EPOCH = -62135596800.0, 253402300799.999
 
 
+# The same strings come back within a request (a batch's sentAt, each timestamp at
+# validation and again at enrichment), so a small cache saves most of the parsing.
 @lru_cache(maxsize=4096)
 def parse_iso(text: str) -> float | None:
     """Epoch seconds for an ISO-8601 date or date-time, or None if ``text`` is not one
@@ -36,22 +34,10 @@ def parse_iso(text: str) -> float | None:
 
     A value without an offset is taken as UTC.
     """
-    seconds = _parse(text)
+    seconds = _parse_with_pattern(text)
     if seconds is None or not MIN_EPOCH <= seconds <= MAX_EPOCH:
         return None
     return seconds
-
-
-def _parse(text: str) -> float | None:
-    if _FAST and text[:4].isascii() and text[:4].isdigit():
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            return None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=_UTC)
-        return moment.timestamp()
-    return _parse_with_pattern(text)
 
 
 def _parse_with_pattern(text: str) -> float | None:

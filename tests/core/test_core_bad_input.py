@@ -1,0 +1,817 @@
+"""One example-based test per documented bad input of the HTTP Tracking API (seed 004).
+
+Driven through ``Collector.route``/``handle`` with no adapter. Each test asserts the
+exact status and the error body's fields (``Error``/``Message``/``Details``/``code``),
+for the single-call and the batch endpoints, and what was stored or recorded.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fp_collect import Collector, Request, Response, Source
+from fp_collect.dialects.segment import MESSAGE_TYPES
+from fp_collect.responses import PIXEL_GIF
+
+FIXED = 1_700_000_000.123
+RECEIVED_ISO = "2023-11-14T22:13:20.123Z"
+LIVE_KEY, OFF_KEY, UNKNOWN_KEY = "live-key", "off-key", "no-such-key"
+LIVE_ID = "src-live"
+PEER = "203.0.113.9"
+MAX_CALL, MAX_BATCH = 15 * 1024, 500 * 1024
+
+SINGLE_PATHS = [f"/v1/{t}" for t in MESSAGE_TYPES] + [f"/v1/{t[0]}" for t in MESSAGE_TYPES]
+BATCH_PATHS = ["/v1/batch", "/v1/import", "/v1/b"]
+WEBHOOK_PATHS = ["/v1/webhook", "/v1/w"]
+POST_PATHS = SINGLE_PATHS + BATCH_PATHS + WEBHOOK_PATHS
+
+INVALID_KEY = {
+    "Error": "Bad Request",
+    "Message": "Invalid or missing writekey",
+    "Details": "",
+    "code": "invalid_write_key",
+    "message": "Invalid or missing writekey",
+}
+TOO_LARGE_BATCH_ERROR = {
+    "Error": "Bad Request",
+    "Message": "Error reading request body",
+    "Details": "HTTP request too large",
+}
+
+
+def new_collector(**options: Any) -> Collector:
+    return Collector(
+        sources=[
+            Source(write_key=LIVE_KEY, id=LIVE_ID),
+            Source(write_key=OFF_KEY, id="src-off", enabled=False),
+        ],
+        storage=options.pop("storage", "memory://"),
+        clock=lambda: FIXED,
+        **options,
+    )
+
+
+@pytest.fixture
+def collector() -> Collector:
+    return new_collector()
+
+
+def send(
+    collector: Collector,
+    path: str,
+    body: object = b"",
+    *,
+    method: str = "POST",
+    headers: Mapping[str, str] | None = None,
+    query: str = "",
+    client: str | None = PEER,
+    body_too_large: bool = False,
+) -> Response:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    route = collector.route(path)
+    assert route is not None, path
+    request = Request(method, path, query, dict(headers or {}), raw, client, body_too_large)
+    return collector.handle(route, request)
+
+
+def answer(response: Response) -> dict[str, Any]:
+    assert dict(response.headers)["content-type"] == "application/json"
+    parsed = json.loads(response.body)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def basic(key: str) -> str:
+    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+
+
+def single_error(status: str, message: str, details: str, code: str) -> dict[str, str]:
+    return {
+        "Error": status,
+        "Message": message,
+        "Details": details,
+        "code": code,
+        "message": message,
+    }
+
+
+def batch_error(status: str, message: str, details: str, code: str) -> dict[str, object]:
+    summary = f"{message}: {details}" if details else message
+    return {
+        "Success": False,
+        "Errors": [{"Error": status, "Message": message, "Details": details}],
+        "code": code,
+        "message": summary,
+    }
+
+
+def track(**fields: object) -> dict[str, object]:
+    return {"type": "track", "event": "Clicked", "userId": "u-1", **fields}
+
+
+def events(collector: Collector) -> list[dict[str, Any]]:
+    return [json.loads(row.payload) for row in collector.store.events()]
+
+
+def reasons(collector: Collector) -> list[str]:
+    return [row.reason for row in collector.store.rejections()]
+
+
+def padded(value: object, size: int) -> bytes:
+    """``value`` as JSON, padded with trailing spaces to exactly ``size`` bytes."""
+    raw = json.dumps(value).encode()
+    assert len(raw) <= size
+    return raw + b" " * (size - len(raw))
+
+
+def sized_event(size: int, **fields: object) -> dict[str, object]:
+    """A track event whose compact JSON is exactly ``size`` bytes."""
+    event = track(properties={"pad": ""}, **fields)
+    compact = len(json.dumps(event, separators=(",", ":")).encode())
+    event["properties"] = {"pad": "x" * (size - compact)}
+    assert len(json.dumps(event, separators=(",", ":")).encode()) == size
+    return event
+
+
+# -- invalid JSON, wrong shapes -----------------------------------------------------------
+
+
+def test_invalid_json_single(collector: Collector) -> None:
+    response = send(collector, "/v1/track", b'{"event": ')
+    assert response.status == 400
+    body = answer(response)
+    details = body.pop("Details")
+    assert isinstance(details, str) and details  # ujson's own words
+    assert body == {
+        "Error": "Bad Request",
+        "Message": "Invalid JSON",
+        "code": "invalid_json",
+        "message": "Invalid JSON",
+    }
+    [rejection] = collector.store.rejections()
+    assert (rejection.reason, rejection.payload, rejection.source_id) == (
+        "invalid_json",
+        '{"event": ',
+        None,
+    )
+    assert list(collector.store.events()) == []
+
+
+def test_invalid_json_batch(collector: Collector) -> None:
+    response = send(collector, "/v1/batch", b'{"batch": [')
+    assert response.status == 400
+    body = answer(response)
+    details = body["Errors"][0]["Details"]
+    assert isinstance(details, str) and details
+    assert body == batch_error("Bad Request", "Invalid JSON", details, "invalid_json")
+    assert reasons(collector) == ["invalid_json"]
+
+
+def test_body_not_an_object_single(collector: Collector) -> None:
+    response = send(collector, "/v1/identify", [{"userId": "u"}])
+    assert response.status == 400
+    assert answer(response) == single_error(
+        "Bad Request", "the body must be a JSON object", "", "invalid_body"
+    )
+    assert reasons(collector) == ["invalid_body"]
+
+
+def test_body_not_an_object_batch(collector: Collector) -> None:
+    response = send(collector, "/v1/batch", [track()])
+    assert response.status == 400
+    assert answer(response) == batch_error(
+        "Bad Request", "the body must be a JSON object", "", "invalid_body"
+    )
+
+
+@pytest.mark.parametrize("batch", [{"0": {}}, "events", None, 3], ids=repr)
+def test_batch_not_an_array(collector: Collector, batch: object) -> None:
+    response = send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": batch})
+    assert response.status == 400
+    assert answer(response) == batch_error(
+        "Bad Request", "batch must be an array of events", "", "invalid_batch"
+    )
+    assert reasons(collector) == ["invalid_batch"]
+
+
+def test_empty_batch(collector: Collector) -> None:
+    response = send(collector, "/v1/import", {"writeKey": LIVE_KEY, "batch": []})
+    assert response.status == 400
+    assert answer(response) == batch_error("Bad Request", "batch is empty", "", "empty_batch")
+
+
+# -- size limits ----------------------------------------------------------------------
+
+
+def test_single_call_over_15_kib_is_413(collector: Collector) -> None:
+    body = padded(track(writeKey=LIVE_KEY), MAX_CALL + 1)
+    response = send(collector, "/v1/track", body)
+    assert response.status == 413
+    assert answer(response) == single_error(
+        "Request Entity Too Large",
+        "Request entity too large",
+        "the limit is 15360 bytes",
+        "payload_too_large",
+    )
+    assert list(collector.store.events()) == []
+    assert reasons(collector) == ["payload_too_large"]
+
+
+def test_single_call_of_exactly_15_kib_is_accepted(collector: Collector) -> None:
+    response = send(collector, "/v1/track", padded(track(writeKey=LIVE_KEY), MAX_CALL))
+    assert (response.status, answer(response)) == (200, {"success": True})
+
+
+def test_body_cut_short_by_the_adapter_is_413(collector: Collector) -> None:
+    response = send(collector, "/v1/page", b"", body_too_large=True)
+    assert response.status == 413
+    assert answer(response)["code"] == "payload_too_large"
+
+
+def test_batch_over_500_kib_is_413(collector: Collector) -> None:
+    body = padded({"writeKey": LIVE_KEY, "batch": [track()]}, MAX_BATCH + 1)
+    response = send(collector, "/v1/batch", body)
+    assert response.status == 413
+    assert answer(response) == {
+        "Success": False,
+        "Errors": [TOO_LARGE_BATCH_ERROR],
+        "code": "payload_too_large",
+        "message": "Request entity too large: the limit is 512000 bytes",
+    }
+    assert list(collector.store.events()) == []
+
+
+def test_batch_of_exactly_500_kib_is_accepted(collector: Collector) -> None:
+    items = [sized_event(10_000, messageId=f"m-{i}") for i in range(50)]
+    body = padded({"writeKey": LIVE_KEY, "batch": items}, MAX_BATCH)
+    response = send(collector, "/v1/batch", body)
+    assert (response.status, answer(response)) == (200, {"success": True})
+    assert len(events(collector)) == 50
+
+
+def test_one_event_over_15_kib_in_a_batch_is_refused_alone(collector: Collector) -> None:
+    items = [
+        track(messageId="before"),
+        sized_event(MAX_CALL + 1, messageId="big"),
+        sized_event(MAX_CALL, messageId="at-limit"),
+        track(messageId="after"),
+    ]
+    response = send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": items})
+    assert response.status == 207
+    assert answer(response) == {
+        "Success": False,
+        "Errors": [
+            {
+                "Error": "Bad Request",
+                "Message": "event larger than 15360 bytes",
+                "Details": "event_too_large",
+                "index": 1,
+                "messageId": "big",
+                "code": "event_too_large",
+            }
+        ],
+        "code": "partial_success",
+        "message": "1 of 4 events rejected",
+    }
+    assert [e["messageId"] for e in events(collector)] == ["before", "at-limit", "after"]
+    [rejection] = collector.store.rejections()
+    assert (rejection.reason, rejection.index, rejection.message_id) == (
+        "event_too_large",
+        1,
+        "big",
+    )
+
+
+def test_413_after_gzip_decompression_single(collector: Collector) -> None:
+    body = gzip.compress(padded(track(writeKey=LIVE_KEY), MAX_CALL + 1))
+    assert len(body) < MAX_CALL
+    response = send(collector, "/v1/track", body, headers={"content-encoding": "gzip"})
+    assert response.status == 413
+    assert answer(response) == single_error(
+        "Request Entity Too Large",
+        "Request entity too large",
+        "the limit is 15360 bytes after decompression",
+        "payload_too_large",
+    )
+
+
+def test_gzip_bomb_is_413_without_inflating_it(collector: Collector) -> None:
+    bomb = gzip.compress(b" " * 10_000_000)
+    tracemalloc.start()
+    try:
+        response = send(collector, "/v1/batch", bomb, headers={"content-encoding": "gzip"})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert response.status == 413
+    assert answer(response) == {
+        "Success": False,
+        "Errors": [TOO_LARGE_BATCH_ERROR],
+        "code": "payload_too_large",
+        "message": "Request entity too large: the limit is 512000 bytes after decompression",
+    }
+    # The limit is 500 KiB; 10 MB must never be held.
+    assert peak < 4_000_000
+
+
+def test_gzip_body_within_the_limit_is_accepted(collector: Collector) -> None:
+    body = gzip.compress(json.dumps(track(writeKey=LIVE_KEY)).encode())
+    response = send(collector, "/v1/t", body, headers={"content-encoding": "gzip"})
+    assert (response.status, answer(response)) == (200, {"success": True})
+
+
+# -- media types and encodings --------------------------------------------------------
+
+
+def test_415_for_application_xml(collector: Collector) -> None:
+    headers = {"content-type": "application/xml"}
+    response = send(collector, "/v1/track", track(writeKey=LIVE_KEY), headers=headers)
+    assert response.status == 415
+    expected = ("Content-Type must be application/json or text/plain", "got 'application/xml'")
+    assert answer(response) == single_error(
+        "Unsupported Media Type", *expected, "unsupported_media_type"
+    )
+    response = send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": []}, headers=headers)
+    assert response.status == 415
+    assert answer(response) == batch_error(
+        "Unsupported Media Type", *expected, "unsupported_media_type"
+    )
+
+
+def test_415_for_brotli(collector: Collector) -> None:
+    headers = {"content-encoding": "br"}
+    response = send(collector, "/v1/track", b"\x0b\x02\x80{}\x03", headers=headers)
+    assert response.status == 415
+    expected = ("Content-Encoding must be gzip or absent", "got 'br'")
+    assert answer(response) == single_error(
+        "Unsupported Media Type", *expected, "unsupported_content_encoding"
+    )
+    response = send(collector, "/v1/b", b"\x0b\x02\x80{}\x03", headers=headers)
+    assert response.status == 415
+    assert answer(response) == batch_error(
+        "Unsupported Media Type", *expected, "unsupported_content_encoding"
+    )
+
+
+def test_invalid_gzip_is_400(collector: Collector) -> None:
+    response = send(
+        collector, "/v1/track", b"not gzip at all", headers={"content-encoding": "gzip"}
+    )
+    assert response.status == 400
+    body = answer(response)
+    assert body.pop("Details")  # zlib's words
+    assert body == {
+        "Error": "Bad Request",
+        "Message": "the body is not valid gzip",
+        "code": "invalid_gzip",
+        "message": "the body is not valid gzip",
+    }
+
+
+def test_truncated_gzip_is_400(collector: Collector) -> None:
+    whole = gzip.compress(json.dumps(track(writeKey=LIVE_KEY)).encode())
+    response = send(collector, "/v1/track", whole[:-10], headers={"content-encoding": "gzip"})
+    assert response.status == 400
+    assert answer(response) == single_error(
+        "Bad Request", "the gzip body is truncated", "", "invalid_gzip"
+    )
+    response = send(collector, "/v1/batch", whole[:-10], headers={"content-encoding": "gzip"})
+    assert response.status == 400
+    assert answer(response) == batch_error(
+        "Bad Request", "the gzip body is truncated", "", "invalid_gzip"
+    )
+
+
+def test_garbage_after_the_gzip_stream_is_not_silently_dropped(collector: Collector) -> None:
+    whole = gzip.compress(json.dumps(track(writeKey=LIVE_KEY)).encode())
+    response = send(
+        collector, "/v1/track", whole + b"garbage", headers={"content-encoding": "gzip"}
+    )
+    assert response.status == 400
+    assert answer(response)["code"] in ("invalid_gzip", "invalid_json")
+    assert list(collector.store.events()) == []
+
+
+def test_multi_member_gzip_is_read_in_full(collector: Collector) -> None:
+    text = json.dumps(track(writeKey=LIVE_KEY, messageId="two-members")).encode()
+    body = gzip.compress(text[:20]) + gzip.compress(text[20:])
+    response = send(collector, "/v1/track", body, headers={"content-encoding": "gzip"})
+    assert (response.status, answer(response)) == (200, {"success": True})
+    assert [e["messageId"] for e in events(collector)] == ["two-members"]
+
+
+# -- write keys -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", POST_PATHS)
+def test_missing_unknown_and_disabled_keys_get_one_identical_answer(path: str) -> None:
+    message = track()
+    payload: dict[str, object] = {"batch": [message]} if path in BATCH_PATHS else message
+    answers = set()
+    cases: list[tuple[dict[str, object], dict[str, str], str]] = [({}, {}, "")]
+    for key in (UNKNOWN_KEY, OFF_KEY):
+        cases.append(({"writeKey": key}, {}, ""))
+        cases.append(({}, {"authorization": basic(key)}, ""))
+        if path in WEBHOOK_PATHS:
+            cases.append(({}, {}, f"writeKey={key}"))
+    for in_body, headers, query in cases:
+        collector = new_collector()
+        response = send(collector, path, {**payload, **in_body}, headers=headers, query=query)
+        answers.add((response.status, tuple(response.headers), response.body))
+    assert len(answers) == 1
+    [(status, _, body)] = answers
+    assert status == 400
+    assert json.loads(body) == INVALID_KEY
+
+
+@pytest.mark.parametrize("key", [123, None, [], {}, True, ""], ids=repr)
+def test_a_non_string_body_key_is_just_an_invalid_key(collector: Collector, key: object) -> None:
+    response = send(collector, "/v1/track", track(writeKey=key))
+    assert (response.status, answer(response)) == (400, INVALID_KEY)
+
+
+def test_bad_keys_are_recorded_without_a_source(collector: Collector) -> None:
+    send(collector, "/v1/track", track(writeKey=OFF_KEY))
+    [rejection] = collector.store.rejections()
+    assert (rejection.reason, rejection.source_id) == ("invalid_write_key", None)
+
+
+# -- validation, per type --------------------------------------------------------------
+
+REQUIRED = {"track": {"event": "e"}, "group": {"groupId": "g"}, "alias": {"previousId": "p"}}
+NO_USER = "userId or anonymousId is required"
+VALIDATION_CASES = [
+    *((t, REQUIRED.get(t, {}), "missing_user_id", NO_USER) for t in MESSAGE_TYPES),
+    ("identify", {"userId": "", "anonymousId": ""}, "missing_user_id", NO_USER),
+    ("page", {"userId": None, "anonymousId": None}, "missing_user_id", NO_USER),
+    ("track", {"userId": "u"}, "missing_event", "event is required for track"),
+    ("track", {"userId": "u", "event": ""}, "missing_event", "event is required for track"),
+    ("group", {"userId": "u"}, "missing_group_id", "groupId is required for group"),
+    ("alias", {"userId": "u"}, "missing_previous_id", "previousId is required for alias"),
+    ("page", {"userId": "u", "properties": []}, "invalid_field", "properties must be an object"),
+    ("identify", {"userId": "u", "traits": "x"}, "invalid_field", "traits must be an object"),
+    ("track", {"userId": 7, "event": "e"}, "invalid_field", "userId must be a string"),
+    (
+        "screen",
+        {"userId": "u", "timestamp": "last tuesday"},
+        "invalid_timestamp",
+        "timestamp must be an ISO-8601 date string",
+    ),
+    (
+        "page",
+        {"userId": "u", "timestamp": "2020-02-30T00:00:00Z"},
+        "invalid_timestamp",
+        "timestamp must be an ISO-8601 date string",
+    ),
+    (
+        "page",
+        {"userId": "u", "sentAt": 1700000000},
+        "invalid_timestamp",
+        "sentAt must be an ISO-8601 date string",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "fields", "code", "message"), VALIDATION_CASES)
+def test_validation_error_single(
+    collector: Collector, kind: str, fields: dict[str, object], code: str, message: str
+) -> None:
+    response = send(collector, f"/v1/{kind}", {"writeKey": LIVE_KEY, **fields})
+    assert response.status == 400
+    assert answer(response) == single_error("Bad Request", message, "", code)
+    [rejection] = collector.store.rejections()
+    assert (rejection.reason, rejection.source_id) == (code, LIVE_ID)
+    assert list(collector.store.events()) == []
+
+
+@pytest.mark.parametrize(("kind", "fields", "code", "message"), VALIDATION_CASES)
+def test_validation_error_batch(
+    collector: Collector, kind: str, fields: dict[str, object], code: str, message: str
+) -> None:
+    item = {"type": kind, "messageId": "bad-1", **fields}
+    response = send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": [item]})
+    assert response.status == 400
+    assert answer(response) == {
+        "Success": False,
+        "Errors": [
+            {
+                "Error": "Bad Request",
+                "Message": message,
+                "Details": code,
+                "index": 0,
+                "messageId": "bad-1",
+                "code": code,
+            }
+        ],
+        "code": "invalid_batch",
+        "message": "1 of 1 events rejected",
+    }
+    [rejection] = collector.store.rejections()
+    assert (rejection.reason, rejection.index, rejection.message_id, rejection.source_id) == (
+        code,
+        0,
+        "bad-1",
+        LIVE_ID,
+    )
+
+
+@pytest.mark.parametrize("bad_type", [[], {}, ["track"], {"track": 1}], ids=repr)
+def test_a_batch_item_with_a_non_string_type_is_refused_alone(
+    collector: Collector, bad_type: object
+) -> None:
+    """Bug: normalise_message tests ``type in frozenset`` before checking it is a string;
+    a list or object raises TypeError and the whole batch becomes internal_error."""
+    items = [{"type": bad_type, "userId": "u", "messageId": "bad"}, track(messageId="good")]
+    response = send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": items})
+    assert response.status == 207
+    errors = answer(response)["Errors"]
+    assert [(e["index"], e["code"]) for e in errors] == [(0, "invalid_type")]
+    assert [e["messageId"] for e in events(collector)] == ["good"]
+
+
+def test_a_webhook_message_with_a_non_string_type_is_400(collector: Collector) -> None:
+    response = send(collector, "/v1/webhook", {"writeKey": LIVE_KEY, "type": [], "userId": "u"})
+    assert response.status == 400
+    assert answer(response)["code"] == "invalid_type"
+
+
+@pytest.mark.parametrize(
+    "timestamp", ["0001-01-01T00:00:00+01:00", "0001-01-01T00:59:59.999+01:00"]
+)
+def test_a_timestamp_before_year_one_does_not_take_the_batch_down(
+    collector: Collector, timestamp: str
+) -> None:
+    items = [track(messageId="old", timestamp=timestamp), track(messageId="fine")]
+    response = send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": items})
+    assert response.status in (200, 207)
+    assert answer(response).get("code") != "internal_error"
+    assert "fine" in [e["messageId"] for e in events(collector)]
+
+
+# -- methods -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/v1/track", "OPTIONS, POST"),
+        ("PUT", "/v1/batch", "OPTIONS, POST"),
+        ("DELETE", "/v1/webhook", "OPTIONS, POST"),
+        ("POST", "/v1/pixel/track", "GET, OPTIONS"),
+    ],
+)
+def test_405_names_the_allowed_methods(
+    collector: Collector, method: str, path: str, allow: str
+) -> None:
+    response = send(collector, path, method=method)
+    assert response.status == 405
+    assert dict(response.headers)["allow"] == allow
+    message = f"{method} is not allowed here; use {allow}"
+    assert answer(response) == single_error("Method Not Allowed", message, "", "method_not_allowed")
+    assert list(collector.store.rejections()) == []
+
+
+# -- the tracking pixel ----------------------------------------------------------------
+
+
+def pixel_query(value: object, **extra: str) -> str:
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    params = {"data": base64.b64encode(raw).decode(), **extra}
+    return "&".join(f"{k}={v}" for k, v in params.items())
+
+
+def assert_pixel(response: Response) -> None:
+    assert response.status == 200
+    assert response.body == PIXEL_GIF
+    headers = dict(response.headers)
+    assert headers["content-type"] == "image/gif"
+    assert {"no-cache", "no-store"} <= {
+        part.strip() for part in headers["cache-control"].split(",")
+    }
+    assert headers["pragma"] == "no-cache"
+    assert headers["expires"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("", "invalid_json"),
+        ("data=", "invalid_json"),
+        ("data=!!!not-base64!!!", "invalid_pixel_data"),
+        (pixel_query(b"not json"), "invalid_json"),
+        (pixel_query([1, 2]), "invalid_body"),
+        (pixel_query(track(writeKey=UNKNOWN_KEY)), "invalid_write_key"),
+        (pixel_query(track(writeKey=OFF_KEY)), "invalid_write_key"),
+        (pixel_query({"writeKey": LIVE_KEY, "event": "e"}), "missing_user_id"),
+        (pixel_query(track(writeKey=LIVE_KEY, timestamp="soon")), "invalid_timestamp"),
+        (pixel_query(b'{"writeKey":"live-key","event":"e","userId":NaN}'), "invalid_field"),
+        (pixel_query(b'{"writeKey":"live-key","event":"e","userId":"u","x":NaN}'), "invalid_json"),
+    ],
+)
+def test_pixel_is_always_a_gif_and_bad_data_is_recorded(
+    collector: Collector, query: str, reason: str
+) -> None:
+    response = send(collector, "/v1/pixel/track", method="GET", query=query)
+    assert_pixel(response)
+    assert list(collector.store.events()) == []
+    [rejection] = collector.store.rejections()
+    assert rejection.reason == reason
+    assert rejection.endpoint == "/v1/pixel/track"
+
+
+def test_pixel_stores_good_data(collector: Collector) -> None:
+    query = pixel_query({"event": "Opened", "userId": "u"}, writeKey=LIVE_KEY)
+    response = send(collector, "/v1/pixel/track", method="GET", query=query)
+    assert_pixel(response)
+    [event] = events(collector)
+    assert (event["type"], event["event"], event["userId"]) == ("track", "Opened", "u")
+
+
+def test_pixel_is_a_gif_even_for_a_timestamp_before_year_one(collector: Collector) -> None:
+    query = pixel_query(track(writeKey=LIVE_KEY, timestamp="0001-01-01T00:00:00+01:00"))
+    assert_pixel(send(collector, "/v1/pixel/page", method="GET", query=query))
+
+
+# -- webhook ---------------------------------------------------------------------------
+
+
+def test_webhook_query_key_overrides_the_payload_key(collector: Collector) -> None:
+    query = f"writeKey={LIVE_KEY}"
+    response = send(collector, "/v1/webhook", track(writeKey=UNKNOWN_KEY), query=query)
+    assert (response.status, answer(response)) == (200, {"success": True})
+    [row] = collector.store.events()
+    assert row.source_id == LIVE_ID
+    assert "writeKey" not in json.loads(row.payload)
+
+    response = send(collector, "/v1/w", track(writeKey=LIVE_KEY), query=f"writeKey={OFF_KEY}")
+    assert (response.status, answer(response)) == (400, INVALID_KEY)
+
+
+def test_webhook_query_key_overrides_the_payload_key_for_a_batch(collector: Collector) -> None:
+    body = {"writeKey": UNKNOWN_KEY, "batch": [track(messageId="w-1", writeKey=UNKNOWN_KEY)]}
+    response = send(collector, "/v1/webhook", body, query=f"writeKey={LIVE_KEY}")
+    assert (response.status, answer(response)) == (200, {"success": True})
+    assert [(row.source_id, row.message_id) for row in collector.store.events()] == [
+        (LIVE_ID, "w-1")
+    ]
+
+
+def test_webhook_empty_query_key_means_no_key_for_a_batch_too(collector: Collector) -> None:
+    """An empty ``?writeKey=`` falls back to the payload key for one message; a batch
+    should not be refused for the same query string."""
+    single = send(collector, "/v1/webhook", track(writeKey=LIVE_KEY), query="writeKey=")
+    assert single.status == 200
+    body = {"writeKey": LIVE_KEY, "batch": [track(messageId="b-1")]}
+    batch = send(collector, "/v1/webhook", body, query="writeKey=")
+    assert (batch.status, answer(batch)) == (200, {"success": True})
+
+
+# -- enrichment ------------------------------------------------------------------------
+
+
+def test_batch_context_and_integrations_merge_with_the_items_own_winning(
+    collector: Collector,
+) -> None:
+    body = {
+        "writeKey": LIVE_KEY,
+        "context": {"page": {"path": "/cart"}, "locale": "en-US", "userAgent": "batch-ua"},
+        "integrations": {"All": False, "Mixpanel": True},
+        "batch": [
+            track(messageId="plain"),
+            track(
+                messageId="own",
+                context={"locale": "fr-FR", "ip": "198.51.100.4"},
+                integrations={"Mixpanel": False, "Amplitude": True},
+            ),
+        ],
+    }
+    response = send(collector, "/v1/batch", body, headers={"user-agent": "header-ua"})
+    assert response.status == 200
+    plain, own = events(collector)
+    assert plain["context"] == {
+        "page": {"path": "/cart"},
+        "locale": "en-US",
+        "userAgent": "batch-ua",
+        "ip": PEER,
+    }
+    assert plain["integrations"] == {"All": False, "Mixpanel": True}
+    assert own["context"] == {
+        "page": {"path": "/cart"},
+        "locale": "fr-FR",
+        "userAgent": "batch-ua",
+        "ip": "198.51.100.4",
+    }
+    assert own["integrations"] == {"All": False, "Mixpanel": False, "Amplitude": True}
+
+
+@pytest.mark.parametrize(
+    ("trusted", "peer", "forwarded", "expected"),
+    [
+        (("10.0.0.0/8",), "10.1.2.3", "198.51.100.7", "198.51.100.7"),
+        (("10.0.0.0/8",), "10.1.2.3", "198.51.100.7, 10.9.9.9", "198.51.100.7"),
+        (("10.0.0.0/8",), "10.1.2.3", "192.0.2.1, 198.51.100.7", "198.51.100.7"),
+        (("10.0.0.0/8",), PEER, "198.51.100.7", PEER),
+        ((), "10.1.2.3", "198.51.100.7", "10.1.2.3"),
+        (("10.0.0.0/8",), "10.1.2.3", "not-an-address", "10.1.2.3"),
+    ],
+)
+def test_x_forwarded_for_is_believed_only_from_trusted_proxies(
+    trusted: tuple[str, ...], peer: str, forwarded: str, expected: str
+) -> None:
+    collector = new_collector(trusted_proxies=trusted)
+    headers = {"x-forwarded-for": forwarded}
+    response = send(collector, "/v1/track", track(writeKey=LIVE_KEY), headers=headers, client=peer)
+    assert response.status == 200
+    [event] = events(collector)
+    assert event["context"]["ip"] == expected
+
+
+def test_user_agent_header_fills_context_only_when_absent(collector: Collector) -> None:
+    headers = {"user-agent": "header-ua"}
+    send(collector, "/v1/track", track(writeKey=LIVE_KEY, messageId="a"), headers=headers)
+    own = track(writeKey=LIVE_KEY, messageId="b", context={"userAgent": "client-ua"})
+    send(collector, "/v1/track", own, headers=headers)
+    send(collector, "/v1/track", track(writeKey=LIVE_KEY, messageId="c"))
+    filled, kept, without = events(collector)
+    assert filled["context"]["userAgent"] == "header-ua"
+    assert kept["context"]["userAgent"] == "client-ua"
+    assert "userAgent" not in without["context"]
+
+
+def test_server_fields(collector: Collector) -> None:
+    message = track(
+        writeKey=LIVE_KEY,
+        messageId="m-1",
+        timestamp="2023-11-14T22:13:00.000Z",
+        sentAt="2023-11-14T22:13:10.000Z",
+        receivedAt="client says",
+    )
+    send(collector, "/v1/track", message)
+    [event] = events(collector)
+    assert event["receivedAt"] == RECEIVED_ISO
+    # sentAt is 10 s after the event; it arrived at receivedAt: 10 s before that.
+    assert event["timestamp"] == "2023-11-14T22:13:10.123Z"
+    assert event["originalTimestamp"] == "2023-11-14T22:13:00.000Z"
+    assert "writeKey" not in event
+
+
+# -- retries ---------------------------------------------------------------------------
+
+
+def test_a_retried_message_id_is_answered_200_and_stored_once(collector: Collector) -> None:
+    message = track(writeKey=LIVE_KEY, messageId="retry-1")
+    first = send(collector, "/v1/track", message)
+    second = send(collector, "/v1/track", message)
+    assert (first.status, answer(first)) == (200, {"success": True})
+    assert (second.status, answer(second)) == (200, {"success": True})
+    assert [e["messageId"] for e in events(collector)] == ["retry-1"]
+    [rejection] = collector.store.rejections()
+    assert (rejection.reason, rejection.message_id, rejection.source_id) == (
+        "duplicate_message_id",
+        "retry-1",
+        LIVE_ID,
+    )
+
+
+def test_a_lone_surrogate_message_id_does_not_fail_the_sqlite_batch(tmp_path: Path) -> None:
+    """The refused item's messageId is kept in the rejection; SQLite must be able to
+    store it, or the whole batch is answered 503 on every retry."""
+    collector = new_collector(storage=f"sqlite:///{tmp_path / 'events.db'}", commit_timeout=5)
+    try:
+        body = (
+            b'{"writeKey":"live-key","batch":['
+            b'{"type":"track","event":"e","userId":"u","messageId":"\\ud800"},'
+            b'{"type":"track","event":"e","userId":"u","messageId":"good"}]}'
+        )
+        response = send(collector, "/v1/batch", body)
+        assert response.status == 207
+        assert [row.message_id for row in collector.store.events()] == ["good"]
+        [rejection] = collector.store.rejections()
+        assert (rejection.index, rejection.reason) == (0, "invalid_json")
+    finally:
+        collector.close()
+
+
+# -- the core is framework-free ----------------------------------------------------------
+
+
+def test_the_core_imports_no_web_framework() -> None:
+    code = (
+        "import fp_collect, fp_collect.dialects.segment, fp_collect.store.memory; import sys; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'starlette','werkzeug','flask','fastapi','django','uvicorn','anyio'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
