@@ -15,7 +15,7 @@ from werkzeug.wsgi import get_input_stream
 
 from fp_collect.collector import Collector
 from fp_collect.dialects import Route
-from fp_collect.http import Request
+from fp_collect.http import Request, content_length
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -89,13 +89,20 @@ def _read_request(environ: WSGIEnvironment, route: Route, path: str) -> Request:
     limit = route.max_body_bytes
     body, too_large = b"", False
     if method in ("POST", "PUT", "PATCH") and limit > 0:
-        try:
-            stream = get_input_stream(environ, max_content_length=limit)
-            body = stream.read(limit + 1)
-        except RequestEntityTooLarge:
-            too_large = True
-        if len(body) > limit:
-            body, too_large = b"", True
+        declared = content_length(headers)
+        if declared is not None and declared > limit:
+            too_large = True  # answered from Content-Length, nothing read
+        else:
+            try:
+                # limit + 1: for a de-chunked body (wsgi.input_terminated, as gunicorn and
+                # werkzeug's server give) the stream is capped at exactly this, and the one
+                # extra byte is how an over-size body is told from one that just fits.
+                stream = get_input_stream(environ, max_content_length=limit + 1)
+                body = stream.read(limit + 1)
+            except RequestEntityTooLarge:
+                too_large = True
+            if len(body) > limit:
+                body, too_large = b"", True
     return Request(
         method=method,
         path=path,
