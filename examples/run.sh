@@ -7,8 +7,8 @@
 # Creates .venv in the repository if it is missing and installs fp-collect into it
 # (editable, with the starlette and flask extras), then runs the example site. Events go
 # to SQLite, examples/example.db unless FP_COLLECT_STORAGE says otherwise.
-# Environment: PYTHON (makes the venv, default python3), PORT, FP_COLLECT_STORAGE,
-# FP_COLLECT_WRITE_KEY.
+# Environment: VENV (the virtualenv to use or create, default .venv in the repository),
+# PYTHON (makes the venv, default python3), PORT, FP_COLLECT_STORAGE, FP_COLLECT_WRITE_KEY.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +21,7 @@ case "$SITE" in
     exit 2
     ;;
 esac
-VENV="$ROOT/.venv"
+VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 
 if [ ! -x "$PY" ]; then

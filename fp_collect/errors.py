@@ -38,6 +38,10 @@ class ItemRejected(Exception):
         self.reason = reason
         self.message = message
 
+    def as_request(self) -> RequestRejected:
+        """The same refusal when the event is the whole request (a single call): 400."""
+        return RequestRejected(HTTPStatus.BAD_REQUEST, self.reason, self.message)
+
 
 class StoreUnavailable(Exception):
     """The store could not commit in time; the request is answered 503, never 2xx."""

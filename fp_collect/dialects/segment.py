@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 from fp_collect import responses
 from fp_collect.auth import invalid_write_key
 from fp_collect.config import Source
-from fp_collect.decoding import dumps_lenient, encode_event
+from fp_collect.decoding import dumps_lenient, encode_event, too_large
 from fp_collect.dialects import Route
 from fp_collect.errors import ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
@@ -99,10 +99,7 @@ class SegmentAPI:
             except RequestRejected as rejected:
                 return self._refused(rejected, incoming, payload, source)
             except ItemRejected as rejected:
-                as_request = RequestRejected(
-                    HTTPStatus.BAD_REQUEST, rejected.reason, rejected.message
-                )
-                return self._refused(as_request, incoming, payload, source)
+                return self._refused(rejected.as_request(), incoming, payload, source)
             return _accepted(Batch(events=[event]))
 
         return handle
@@ -133,20 +130,14 @@ class SegmentAPI:
             if "batch" in body:
                 return self._batch(body, payload, incoming, query_key)
             if len(payload) > self.limits.max_call_bytes:
-                raise RequestRejected(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    "payload_too_large",
-                    "Request entity too large",
-                    f"the limit is {self.limits.max_call_bytes} bytes",
-                )
+                raise too_large(self.limits.max_call_bytes)
             source = self.pipeline.authenticate(query_key or body.get("writeKey"))
             self.pipeline.check_origin(source, incoming)
             event = self._event(body, None, source, incoming)
         except RequestRejected as rejected:
             return self._refused(rejected, incoming, payload, source)
         except ItemRejected as rejected:
-            as_request = RequestRejected(HTTPStatus.BAD_REQUEST, rejected.reason, rejected.message)
-            return self._refused(as_request, incoming, payload, source)
+            return self._refused(rejected.as_request(), incoming, payload, source)
         return _accepted(Batch(events=[event]))
 
     def pixel_handler(self, message_type: str) -> Any:
@@ -160,11 +151,7 @@ class SegmentAPI:
             try:
                 payload = _b64decode(data)
                 if len(payload) > self.limits.max_call_bytes:
-                    raise RequestRejected(
-                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                        "payload_too_large",
-                        "Request entity too large",
-                    )
+                    raise too_large(self.limits.max_call_bytes)
                 message = self._object(self.pipeline.parse(payload))
                 source = self.pipeline.authenticate(
                     _query_value(request.query, "writeKey") or message.get("writeKey")
@@ -172,11 +159,7 @@ class SegmentAPI:
                 self.pipeline.check_origin(source, incoming)
                 event = self._event(message, message_type, source, incoming)
             except (RequestRejected, ItemRejected) as rejected:
-                refused = (
-                    rejected
-                    if isinstance(rejected, RequestRejected)
-                    else RequestRejected(HTTPStatus.BAD_REQUEST, rejected.reason, rejected.message)
-                )
+                refused = rejected.as_request() if isinstance(rejected, ItemRejected) else rejected
                 batch = Batch(
                     rejections=self.pipeline.request_rejection(refused, incoming, payload, source)
                 )

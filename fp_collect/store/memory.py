@@ -114,29 +114,19 @@ class MemoryStore(Store):
     def events(self, query: Query = Query()) -> Iterator[StoredEvent]:
         with self._lock:
             rows = list(self._events)
-        return islice(
-            (
-                row
-                for row in rows
-                if row.id > query.after_id
-                and (query.source_id is None or row.source_id == query.source_id)
-                and (query.type is None or row.type == query.type)
-                and (query.since is None or row.received_at >= query.since)
-            ),
-            query.limit,
-        )
+        return islice((r for r in rows if _matches(query, r, r.type)), query.limit)
 
     def rejections(self, query: Query = Query()) -> Iterator[StoredRejection]:
         with self._lock:
             rows = list(self._rejections)
-        return islice(
-            (
-                row
-                for row in rows
-                if row.id > query.after_id
-                and (query.source_id is None or row.source_id == query.source_id)
-                and (query.type is None or row.reason == query.type)
-                and (query.since is None or row.received_at >= query.since)
-            ),
-            query.limit,
-        )
+        return islice((r for r in rows if _matches(query, r, r.reason)), query.limit)
+
+
+def _matches(query: Query, row: StoredEvent | StoredRejection, kind: str) -> bool:
+    """``kind`` is what ``query.type`` filters: an event's type, a rejection's reason."""
+    return (
+        row.id > query.after_id
+        and (query.source_id is None or row.source_id == query.source_id)
+        and (query.type is None or kind == query.type)
+        and (query.since is None or row.received_at >= query.since)
+    )
