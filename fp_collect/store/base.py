@@ -29,6 +29,55 @@ class Claim:
     until: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One identifier of a person: ``kind`` is ``user_id``, ``anonymous_id`` or ``email``."""
+
+    kind: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityOp:
+    """Which profile an event belongs to, resolved by the store in the event's transaction.
+
+    Identities live in ``scope`` (a workspace): each (kind, value) belongs to at most one
+    profile. The store resolves, in this order:
+
+    * ``profile_id`` given: that profile (followed through merges); created with that id
+      when unknown and ``create`` allows it;
+    * otherwise the profiles owning any of ``identities`` or ``lookups``. None: a new
+      profile with id ``new_profile_id`` (unless ``create`` is False: the event is then
+      refused as ``unknown_user``). Several: with ``merge`` (identify, alias) they become
+      one, the oldest surviving; without, the first identity's profile is used.
+
+    Then every identity not yet owned by a profile is attached to the result (``lookups``
+    are only looked up, never attached), and ``traits`` are merged into its traits.
+    """
+
+    scope: str
+    at: float
+    identities: tuple[Identity, ...] = ()
+    lookups: tuple[Identity, ...] = ()
+    profile_id: str | None = None
+    new_profile_id: str = ""
+    create: bool = True
+    merge: bool = False
+    traits: dict[str, object] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOp:
+    """Which session an event joins: ``session_id`` if given (created when unknown), else
+    the profile's latest session when it was active within ``timeout`` seconds of ``at``,
+    else a new session with id ``new_session_id``."""
+
+    at: float
+    timeout: float
+    new_session_id: str
+    session_id: str | None = None
+
+
 @dataclass(slots=True)
 class EventRecord:
     """One accepted event, ready to write. ``payload`` is the JSON text kept verbatim."""
@@ -43,6 +92,9 @@ class EventRecord:
     received_at: str
     payload: str
     claims: tuple[Claim, ...] = ()
+    identity: IdentityOp | None = None
+    # Only with an identity: sessions belong to profiles.
+    session: SessionOp | None = None
 
 
 @dataclass(slots=True)
@@ -73,14 +125,18 @@ class Batch:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What became of one event: stored, or not stored and why."""
+    """What became of one event: stored, or not stored and why; and, when the event had an
+    identity, the profile (and session) it was resolved to."""
 
     stored: bool
     reason: str | None = None
+    profile_id: str | None = None
+    session_id: str | None = None
 
 
 STORED = Outcome(True)
 DUPLICATE = Outcome(False, "duplicate_message_id")
+UNKNOWN_USER = Outcome(False, "unknown_user")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +151,19 @@ class StoredEvent:
     timestamp: str
     received_at: str
     payload: str
+    profile_id: str | None = None
+    session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredProfile:
+    """A person: their identities and the traits merged from identify calls."""
+
+    id: str
+    scope: str
+    created_at: float
+    traits: dict[str, object]
+    identities: tuple[Identity, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +216,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def rejections(self, query: Query = Query()) -> Iterator[StoredRejection]:
         """Stored rejections matching ``query``, in storage order."""
+
+    @abc.abstractmethod
+    def profile(self, profile_id: str) -> StoredProfile | None:
+        """The profile with this id, following merges to the surviving one; None if unknown."""
 
     def close(self) -> None:
         """Finish pending commits and release resources. Idempotent."""

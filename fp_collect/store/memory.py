@@ -5,29 +5,107 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 
 from fp_collect.errors import StoreUnavailable
 from fp_collect.store.base import (
     DUPLICATE,
     STORED,
+    UNKNOWN_USER,
     Batch,
     EventRecord,
+    Identity,
     Outcome,
     Query,
     RejectionRecord,
     Store,
     StoredEvent,
+    StoredProfile,
     StoredRejection,
     claim_is_held,
     resolved,
 )
+from fp_collect.store.identity import resolve_profile, resolve_session
 
 
 @dataclass(slots=True)
 class _ClaimState:
     until: float | None
+
+
+@dataclass(slots=True)
+class _Profile:
+    scope: str
+    created_at: float
+    traits: dict[str, object] = field(default_factory=dict)
+    merged_into: str | None = None
+
+
+@dataclass(slots=True)
+class _Session:
+    profile_id: str
+    last_seen: float
+
+
+class _Graph:
+    """The identity primitives over the memory store's dicts (called under its lock)."""
+
+    def __init__(self) -> None:
+        self.profiles: dict[str, _Profile] = {}
+        self.owners: dict[tuple[str, Identity], str] = {}
+        self.sessions: dict[str, _Session] = {}
+
+    def owner(self, scope: str, identity: Identity) -> str | None:
+        return self.owners.get((scope, identity))
+
+    def canonical(self, profile_id: str) -> str | None:
+        profile = self.profiles.get(profile_id)
+        while profile is not None and profile.merged_into is not None:
+            profile_id = profile.merged_into
+            profile = self.profiles.get(profile_id)
+        return profile_id if profile is not None else None
+
+    def created_at(self, profile_id: str) -> float:
+        return self.profiles[profile_id].created_at
+
+    def create_profile(self, profile_id: str, scope: str, at: float) -> None:
+        self.profiles[profile_id] = _Profile(scope, at)
+
+    def attach(self, scope: str, identity: Identity, profile_id: str) -> None:
+        self.owners[(scope, identity)] = profile_id
+
+    def merge(self, survivor: str, merged: str) -> None:
+        for key, owner in self.owners.items():
+            if owner == merged:
+                self.owners[key] = survivor
+        for session in self.sessions.values():
+            if session.profile_id == merged:
+                session.profile_id = survivor
+        gone, kept = self.profiles[merged], self.profiles[survivor]
+        kept.traits = {**gone.traits, **kept.traits}
+        gone.merged_into = survivor
+
+    def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
+        self.profiles[profile_id].traits.update(traits)
+
+    def latest_session(self, profile_id: str) -> tuple[str, float] | None:
+        mine = [(s.last_seen, i) for i, s in self.sessions.items() if s.profile_id == profile_id]
+        if not mine:
+            return None
+        last_seen, session_id = max(mine)
+        return session_id, last_seen
+
+    def session_owner(self, session_id: str) -> str | None:
+        session = self.sessions.get(session_id)
+        return session.profile_id if session is not None else None
+
+    def start_session(self, session_id: str, profile_id: str, at: float) -> None:
+        self.sessions[session_id] = _Session(profile_id, at)
+
+    def touch_session(self, session_id: str, at: float) -> None:
+        session = self.sessions[session_id]
+        session.last_seen = max(session.last_seen, at)
 
 
 class MemoryStore(Store):
@@ -38,6 +116,7 @@ class MemoryStore(Store):
         self._message_ids: set[tuple[str, str]] = set()
         self._claims: dict[tuple[str, str, str], _ClaimState] = {}
         self._closed = False
+        self._graph = _Graph()
 
     def submit(self, batch: Batch) -> Future[list[Outcome]]:
         with self._lock:
@@ -59,6 +138,14 @@ class MemoryStore(Store):
                 outcome = Outcome(False, claim.kind)
                 self._reject_event(event, outcome)
                 return outcome
+        profile_id = session_id = None
+        if event.identity is not None:
+            profile_id = resolve_profile(self._graph, event.identity)
+            if profile_id is None:
+                self._reject_event(event, UNKNOWN_USER)
+                return UNKNOWN_USER
+            if event.session is not None:
+                session_id = resolve_session(self._graph, event.session, profile_id)
         for claim in event.claims:
             self._claims[(event.source_id, claim.kind, claim.key)] = _ClaimState(claim.until)
         self._message_ids.add(dedup_key)
@@ -74,9 +161,11 @@ class MemoryStore(Store):
                 timestamp=event.timestamp,
                 received_at=event.received_at,
                 payload=event.payload,
+                profile_id=profile_id,
+                session_id=session_id,
             )
         )
-        return STORED
+        return STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
 
     def _reject_event(self, event: EventRecord, outcome: Outcome) -> None:
         self._add_rejection(
@@ -110,6 +199,21 @@ class MemoryStore(Store):
         # Like every backend: no commits after close; what is stored stays readable.
         with self._lock:
             self._closed = True
+
+    def profile(self, profile_id: str) -> StoredProfile | None:
+        with self._lock:
+            canonical = self._graph.canonical(profile_id)
+            if canonical is None:
+                return None
+            found = self._graph.profiles[canonical]
+            identities = tuple(
+                identity
+                for (scope, identity), owner in self._graph.owners.items()
+                if owner == canonical and scope == found.scope
+            )
+            return StoredProfile(
+                canonical, found.scope, found.created_at, dict(found.traits), identities
+            )
 
     def events(self, query: Query = Query()) -> Iterator[StoredEvent]:
         with self._lock:

@@ -36,22 +36,29 @@ from concurrent.futures import Future
 from contextlib import closing
 from typing import Any, Literal
 
+import ujson
+
+from fp_collect.decoding import dumps
 from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store.base import (
     DUPLICATE,
     STORED,
+    UNKNOWN_USER,
     Batch,
     EventRecord,
+    Identity,
     Outcome,
     Query,
     RejectionRecord,
     Store,
     StoredEvent,
+    StoredProfile,
     StoredRejection,
     claim_is_held,
 )
+from fp_collect.store.identity import resolve_profile, resolve_session
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_GROUP = 512
 
 _SCHEMA = """
@@ -97,15 +104,48 @@ CREATE TABLE IF NOT EXISTS claims (
 COMMIT;
 """
 
+# Version 2: profiles, their identities and sessions; events remember both.
+_MIGRATE_TO_2 = """
+BEGIN IMMEDIATE;
+ALTER TABLE events ADD COLUMN profile_id TEXT;
+ALTER TABLE events ADD COLUMN session_id TEXT;
+CREATE INDEX IF NOT EXISTS events_profile ON events (profile_id, id);
+CREATE TABLE IF NOT EXISTS profiles (
+    id TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    traits TEXT NOT NULL,
+    merged_into TEXT
+);
+CREATE TABLE IF NOT EXISTS identities (
+    scope TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL,
+    profile_id TEXT NOT NULL,
+    PRIMARY KEY (scope, kind, value)
+);
+CREATE INDEX IF NOT EXISTS identities_profile ON identities (profile_id);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    profile_id TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_profile ON sessions (profile_id, last_seen);
+UPDATE schema_version SET version = 2;
+COMMIT;
+"""
+
 _EVENT_COLUMNS = (
-    "id, source_id, message_id, type, name, user_id, anonymous_id, timestamp, received_at, payload"
+    "id, source_id, message_id, type, name, user_id, anonymous_id, timestamp, received_at,"
+    " payload, profile_id, session_id"
 )
 _REJECTION_COLUMNS = (
     "id, source_id, reason, message, received_at, endpoint, payload, idx, message_id"
 )
 _INSERT_EVENT = (
     "INSERT INTO events (source_id, message_id, type, name, user_id, anonymous_id, timestamp,"
-    " received_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " received_at, payload, profile_id, session_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (source_id, message_id) DO NOTHING"
 )
 _INSERT_REJECTION = (
@@ -154,10 +194,18 @@ class SQLiteStore(Store):
                     raise ConfigError(f"SQLite store {self._path!r} needs a file that supports WAL")
                 conn.executescript(_SCHEMA)
                 (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+                if version == 1:
+                    conn.executescript(_MIGRATE_TO_2)
+                    # Another process may have migrated between our read and our lock.
+                    (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
         except sqlite3.Error as exc:
+            if "duplicate column" in str(exc):
+                return self._create_schema()  # lost the migration race: it is done now
             raise StoreUnavailable(f"cannot open SQLite store {self._path!r}: {exc}") from exc
         if version != SCHEMA_VERSION:
-            raise ConfigError(f"{self._path!r} has schema version {version}, expected 1")
+            raise ConfigError(
+                f"{self._path!r} has schema version {version}, expected {SCHEMA_VERSION}"
+            )
 
     # -- writing -------------------------------------------------------------------------
 
@@ -271,13 +319,25 @@ class SQLiteStore(Store):
             if row is not None and claim_is_held(row[0], claim.at):
                 blocked_by = claim.kind
                 break
-        if blocked_by is not None:
-            # A duplicate is reported as such even when its claim is also held.
+        if blocked_by is not None or event.identity is not None:
+            # A duplicate is reported as such even when its claim is also held; and it
+            # must be known before identity resolution writes profiles for it.
             duplicate = conn.execute(
                 "SELECT 1 FROM events WHERE source_id = ? AND message_id = ?",
                 (event.source_id, event.message_id),
             ).fetchone()
-            return DUPLICATE if duplicate else Outcome(False, blocked_by)
+            if duplicate:
+                return DUPLICATE
+            if blocked_by is not None:
+                return Outcome(False, blocked_by)
+        profile_id = session_id = None
+        if event.identity is not None:
+            graph = _SQLGraph(conn)
+            profile_id = resolve_profile(graph, event.identity)
+            if profile_id is None:
+                return UNKNOWN_USER
+            if event.session is not None:
+                session_id = resolve_session(graph, event.session, profile_id)
         inserted = conn.execute(
             _INSERT_EVENT,
             (
@@ -290,6 +350,8 @@ class SQLiteStore(Store):
                 event.timestamp,
                 event.received_at,
                 event.payload,
+                profile_id,
+                session_id,
             ),
         ).rowcount
         if not inserted:
@@ -299,7 +361,7 @@ class SQLiteStore(Store):
                 "INSERT OR REPLACE INTO claims (source_id, kind, key, until) VALUES (?, ?, ?, ?)",
                 [(event.source_id, c.kind, c.key, c.until) for c in event.claims],
             )
-        return STORED
+        return STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -310,6 +372,28 @@ class SQLiteStore(Store):
     def rejections(self, query: Query = Query()) -> Iterator[StoredRejection]:
         rows = self._select("rejections", _REJECTION_COLUMNS, "reason", query)
         return (StoredRejection(*row) for row in rows)
+
+    def profile(self, profile_id: str) -> StoredProfile | None:
+        try:
+            with closing(self._connect()) as conn:
+                graph = _SQLGraph(conn)
+                canonical = graph.canonical(profile_id)
+                if canonical is None:
+                    return None
+                scope, created_at, traits = conn.execute(
+                    "SELECT scope, created_at, traits FROM profiles WHERE id = ?", (canonical,)
+                ).fetchone()
+                identities = conn.execute(
+                    "SELECT kind, value FROM identities WHERE profile_id = ? AND scope = ?"
+                    " ORDER BY kind, value",
+                    (canonical, scope),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite read failed: {exc}") from exc
+        return StoredProfile(
+            canonical, scope, created_at, ujson.loads(traits),
+            tuple(Identity(kind, value) for kind, value in identities),
+        )  # fmt: skip
 
     def _select(self, table: str, columns: str, type_column: str, query: Query) -> list[_Row]:
         if query.limit is not None and query.limit < 0:
@@ -355,3 +439,94 @@ def _unavailable(message: str, cause: BaseException) -> StoreUnavailable:
     error = StoreUnavailable(message)
     error.__cause__ = cause
     return error
+
+
+class _SQLGraph:
+    """The identity primitives over one connection, inside the writer's transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def _one(self, sql: str, params: tuple[object, ...]) -> Any:
+        row = self.conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    def owner(self, scope: str, identity: Identity) -> str | None:
+        owner: str | None = self._one(
+            "SELECT profile_id FROM identities WHERE scope = ? AND kind = ? AND value = ?",
+            (scope, identity.kind, identity.value),
+        )
+        return owner
+
+    def canonical(self, profile_id: str) -> str | None:
+        current: str | None = profile_id
+        while current is not None:
+            row = self.conn.execute(
+                "SELECT merged_into FROM profiles WHERE id = ?", (current,)
+            ).fetchone()
+            if row is None:
+                return None
+            if row[0] is None:
+                return current
+            current = row[0]
+        return None
+
+    def created_at(self, profile_id: str) -> float:
+        created: float = self._one("SELECT created_at FROM profiles WHERE id = ?", (profile_id,))
+        return created
+
+    def create_profile(self, profile_id: str, scope: str, at: float) -> None:
+        self.conn.execute(
+            "INSERT INTO profiles (id, scope, created_at, traits) VALUES (?, ?, ?, '{}')",
+            (profile_id, scope, at),
+        )
+
+    def attach(self, scope: str, identity: Identity, profile_id: str) -> None:
+        self.conn.execute(
+            "INSERT INTO identities (scope, kind, value, profile_id) VALUES (?, ?, ?, ?)",
+            (scope, identity.kind, identity.value, profile_id),
+        )
+
+    def merge(self, survivor: str, merged: str) -> None:
+        self.conn.execute(
+            "UPDATE identities SET profile_id = ? WHERE profile_id = ?", (survivor, merged)
+        )
+        self.conn.execute(
+            "UPDATE sessions SET profile_id = ? WHERE profile_id = ?", (survivor, merged)
+        )
+        gone = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (merged,)))
+        kept = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (survivor,)))
+        self._write_traits(survivor, {**gone, **kept})
+        self.conn.execute("UPDATE profiles SET merged_into = ? WHERE id = ?", (survivor, merged))
+
+    def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
+        current = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (profile_id,)))
+        self._write_traits(profile_id, {**current, **traits})
+
+    def _write_traits(self, profile_id: str, traits: dict[str, object]) -> None:
+        self.conn.execute(
+            "UPDATE profiles SET traits = ? WHERE id = ?", (dumps(traits), profile_id)
+        )
+
+    def latest_session(self, profile_id: str) -> tuple[str, float] | None:
+        row = self.conn.execute(
+            "SELECT id, last_seen FROM sessions WHERE profile_id = ?"
+            " ORDER BY last_seen DESC, id DESC LIMIT 1",
+            (profile_id,),
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def session_owner(self, session_id: str) -> str | None:
+        owner: str | None = self._one("SELECT profile_id FROM sessions WHERE id = ?", (session_id,))
+        return owner
+
+    def start_session(self, session_id: str, profile_id: str, at: float) -> None:
+        self.conn.execute(
+            "INSERT INTO sessions (id, profile_id, started_at, last_seen) VALUES (?, ?, ?, ?)",
+            (session_id, profile_id, at, at),
+        )
+
+    def touch_session(self, session_id: str, at: float) -> None:
+        self.conn.execute(
+            "UPDATE sessions SET last_seen = max(last_seen, ?) WHERE id = ?", (at, session_id)
+        )

@@ -6,6 +6,7 @@ import multiprocessing
 import sqlite3
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outcome, open_store
-from fp_collect.store.sqlite import SQLiteStore
+from fp_collect.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
 
@@ -46,7 +47,7 @@ def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
         assert store.commit(Batch(events=[event("m1")])) == [DUPLICATE]
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     conn.close()
 
 
@@ -160,3 +161,23 @@ def test_bad_options_are_refused(tmp_path: Path) -> None:
         SQLiteStore(tmp_path / "t.db", synchronous="OFF")  # type: ignore[arg-type]
     with pytest.raises(StoreUnavailable):
         SQLiteStore(tmp_path / "missing-dir" / "t.db")
+
+
+def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    from fp_collect.store import sqlite as sqlite_module
+
+    path = tmp_path / "v1.db"
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(sqlite_module._SCHEMA)  # exactly what version 1 created
+        conn.execute(
+            "INSERT INTO events (source_id, message_id, type, name, user_id, anonymous_id,"
+            " timestamp, received_at, payload) VALUES ('src', 'old', 'track', 'E', 'u', NULL,"
+            " '2024-01-01T00:00:00.000Z', '2024-01-01T00:00:00.000Z', '{}')"
+        )
+    with SQLiteStore(path) as store:
+        (old,) = store.events()
+        assert (old.message_id, old.profile_id, old.session_id) == ("old", None, None)
+        assert store.commit(Batch(events=[event("old"), event("new")])) == [DUPLICATE, STORED]
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]

@@ -1,0 +1,115 @@
+"""Identity resolution, written once for every backend.
+
+A backend exposes the few primitives of :class:`IdentityGraph`, bound to the
+transaction in which it writes the event; :func:`resolve_profile` and
+:func:`resolve_session` decide with them. Running inside that transaction is what
+makes two concurrent first events of one visitor end up on one profile.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Protocol
+
+from fp_collect.store.base import Identity, IdentityOp, SessionOp
+
+
+class IdentityGraph(Protocol):
+    def owner(self, scope: str, identity: Identity) -> str | None:
+        """The profile owning ``identity``, as stored (possibly merged away since)."""
+
+    def canonical(self, profile_id: str) -> str | None:
+        """The surviving profile for ``profile_id`` (following merges), None if unknown."""
+
+    def created_at(self, profile_id: str) -> float: ...
+
+    def create_profile(self, profile_id: str, scope: str, at: float) -> None: ...
+
+    def attach(self, scope: str, identity: Identity, profile_id: str) -> None: ...
+
+    def merge(self, survivor: str, merged: str) -> None:
+        """Move ``merged``'s identities and sessions to ``survivor``, mark it merged, and
+        fold its traits under the survivor's."""
+
+    def update_traits(self, profile_id: str, traits: dict[str, object]) -> None: ...
+
+    def latest_session(self, profile_id: str) -> tuple[str, float] | None:
+        """The profile's most recently active session: (id, last seen)."""
+
+    def session_owner(self, session_id: str) -> str | None: ...
+
+    def start_session(self, session_id: str, profile_id: str, at: float) -> None: ...
+
+    def touch_session(self, session_id: str, at: float) -> None: ...
+
+
+def new_id(prefix: str) -> str:
+    """``prefix`` + 30 upper-case base32 characters (150 random bits), the form
+    Firstparty uses for profile ids (``PR...``)."""
+    return prefix + base64.b32encode(os.urandom(19)).decode("ascii")[:30]
+
+
+def resolve_profile(graph: IdentityGraph, op: IdentityOp) -> str | None:
+    """The profile the event belongs to, created or merged as ``op`` says; None when the
+    profile must already exist and does not."""
+    if op.profile_id is not None:
+        profile = graph.canonical(op.profile_id)
+        if profile is None:
+            if not op.create:
+                return None
+            graph.create_profile(op.profile_id, op.scope, op.at)
+            profile = op.profile_id
+        owners = _owners(graph, op)
+        if op.merge:
+            for other in owners:
+                if other != profile:
+                    graph.merge(profile, other)
+    else:
+        owners = _owners(graph, op)
+        if not owners:
+            if not op.create:
+                return None
+            profile = op.new_profile_id or new_id("PR")
+            graph.create_profile(profile, op.scope, op.at)
+        elif op.merge and len(owners) > 1:
+            profile = min(owners, key=lambda p: (graph.created_at(p), p))
+            for other in owners:
+                if other != profile:
+                    graph.merge(profile, other)
+        else:
+            profile = owners[0]
+    for identity in op.identities:
+        if graph.owner(op.scope, identity) is None:
+            graph.attach(op.scope, identity, profile)
+    if op.traits:
+        graph.update_traits(profile, op.traits)
+    return profile
+
+
+def resolve_session(graph: IdentityGraph, op: SessionOp, profile: str) -> str:
+    """The session the event joins: named, current (active within the timeout), or new."""
+    if op.session_id is not None:
+        if graph.session_owner(op.session_id) is None:
+            graph.start_session(op.session_id, profile, op.at)
+        else:
+            graph.touch_session(op.session_id, op.at)
+        return op.session_id
+    latest = graph.latest_session(profile)
+    if latest is not None and op.at - latest[1] < op.timeout:
+        graph.touch_session(latest[0], op.at)
+        return latest[0]
+    session = op.new_session_id or new_id("SE")
+    graph.start_session(session, profile, op.at)
+    return session
+
+
+def _owners(graph: IdentityGraph, op: IdentityOp) -> list[str]:
+    """Distinct surviving profiles of the op's identities, in the op's order."""
+    found: list[str] = []
+    for identity in (*op.identities, *op.lookups):
+        owner = graph.owner(op.scope, identity)
+        profile = graph.canonical(owner) if owner is not None else None
+        if profile is not None and profile not in found:
+            found.append(profile)
+    return found

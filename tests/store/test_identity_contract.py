@@ -1,0 +1,182 @@
+"""Profiles, identities and sessions: the same behaviour on every backend."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fp_collect.store import Batch, EventRecord, Outcome, Store, open_store
+from fp_collect.store.base import Identity, IdentityOp, SessionOp
+
+USER = Identity("user_id", "u-1")
+ANON = Identity("anonymous_id", "a-1")
+EMAIL = Identity("email", "ann@example.com")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'p.db'}"
+    with open_store(url) as opened:
+        yield opened
+
+
+_counter = iter(range(10**9))
+
+
+def record(
+    op: IdentityOp, session: SessionOp | None = None, message_id: str | None = None
+) -> EventRecord:
+    message_id = message_id or f"m-{next(_counter)}"
+    return EventRecord(
+        source_id="src",
+        message_id=message_id,
+        type="track",
+        name="Page Viewed",
+        user_id=None,
+        anonymous_id=None,
+        timestamp="2024-05-01T12:00:00.000Z",
+        received_at="2024-05-01T12:00:00.000Z",
+        payload=f'{{"messageId":"{message_id}"}}',
+        identity=op,
+        session=session,
+    )
+
+
+def op(*identities: Identity, **fields: object) -> IdentityOp:
+    values: dict[str, object] = {"scope": "ws", "at": 100.0, "identities": identities}
+    values.update(fields)
+    return IdentityOp(**values)  # type: ignore[arg-type]
+
+
+def commit_one(store: Store, event: EventRecord) -> Outcome:
+    (outcome,) = store.commit(Batch(events=[event]))
+    return outcome
+
+
+def test_a_new_identity_creates_one_profile_with_the_offered_id(store: Store) -> None:
+    outcome = commit_one(store, record(op(ANON, new_profile_id="PR" + "A" * 30)))
+    assert outcome.stored and outcome.profile_id == "PR" + "A" * 30
+    again = commit_one(store, record(op(ANON, new_profile_id="PR" + "B" * 30)))
+    assert again.profile_id == outcome.profile_id
+    profile = store.profile(outcome.profile_id)
+    assert profile is not None and profile.identities == (ANON,) and profile.scope == "ws"
+    (stored, _) = store.events()
+    assert stored.profile_id == outcome.profile_id
+
+
+def test_identities_are_scoped_by_workspace(store: Store) -> None:
+    first = commit_one(store, record(op(ANON, scope="ws-1", new_profile_id="PR1")))
+    second = commit_one(store, record(op(ANON, scope="ws-2", new_profile_id="PR2")))
+    assert (first.profile_id, second.profile_id) == ("PR1", "PR2")
+
+
+def test_a_new_identity_is_attached_to_the_profile_of_a_known_one(store: Store) -> None:
+    anonymous = commit_one(store, record(op(ANON, new_profile_id="PR1")))
+    both = commit_one(store, record(op(USER, ANON, new_profile_id="PR2")))
+    assert both.profile_id == anonymous.profile_id == "PR1"
+    profile = store.profile("PR1")
+    assert profile is not None and set(profile.identities) == {USER, ANON}
+
+
+def test_merge_joins_two_profiles_into_the_oldest(store: Store) -> None:
+    commit_one(store, record(op(ANON, new_profile_id="PR-old", at=1.0)))
+    commit_one(store, record(op(USER, new_profile_id="PR-new", at=2.0, traits={"plan": "a"})))
+    merged = commit_one(
+        store, record(op(USER, ANON, merge=True, traits={"name": "Ann"}, new_profile_id="PRx"))
+    )
+    assert merged.profile_id == "PR-old"
+    survivor = store.profile("PR-new")  # followed through the merge
+    assert survivor is not None and survivor.id == "PR-old"
+    assert set(survivor.identities) == {USER, ANON}
+    assert survivor.traits == {"plan": "a", "name": "Ann"}
+
+
+def test_without_merge_an_identity_is_never_stolen(store: Store) -> None:
+    commit_one(store, record(op(ANON, new_profile_id="PR1")))
+    commit_one(store, record(op(USER, new_profile_id="PR2")))
+    outcome = commit_one(store, record(op(USER, ANON, new_profile_id="PR3")))
+    assert outcome.profile_id == "PR2"
+    assert store.profile("PR1") is not None and store.profile("PR1").identities == (ANON,)  # type: ignore[union-attr]
+
+
+def test_lookups_find_but_are_not_attached(store: Store) -> None:
+    commit_one(store, record(op(ANON, new_profile_id="PR1")))
+    aliased = commit_one(
+        store,
+        record(op(USER, lookups=(Identity("user_id", "a-1"), ANON), merge=True,
+                  new_profile_id="PR2")),
+    )  # fmt: skip
+    assert aliased.profile_id == "PR1"
+    profile = store.profile("PR1")
+    assert profile is not None and set(profile.identities) == {USER, ANON}
+
+
+def test_an_unknown_user_is_refused_when_creation_is_not_allowed(store: Store) -> None:
+    refused = commit_one(store, record(op(EMAIL, create=False), message_id="m-unknown"))
+    assert refused == Outcome(False, "unknown_user")
+    assert list(store.events()) == []
+    assert [(r.reason, r.message_id) for r in store.rejections()] == [("unknown_user", "m-unknown")]
+    commit_one(store, record(op(EMAIL, USER, new_profile_id="PR1")))
+    known = commit_one(store, record(op(EMAIL, create=False)))
+    assert known.stored and known.profile_id == "PR1"
+
+
+def test_an_explicit_profile_id_is_used_and_created_when_unknown(store: Store) -> None:
+    first = commit_one(store, record(op(profile_id="PR" + "9" * 30)))
+    assert first.profile_id == "PR" + "9" * 30
+    assert store.profile("PR" + "9" * 30) is not None
+    assert commit_one(store, record(op(profile_id="PR-none", create=False))).reason == (
+        "unknown_user"
+    )
+
+
+def test_a_duplicate_creates_no_profile(store: Store) -> None:
+    commit_one(store, record(op(ANON, new_profile_id="PR1"), message_id="same"))
+    duplicate = commit_one(store, record(op(USER, new_profile_id="PR2"), message_id="same"))
+    assert duplicate.reason == "duplicate_message_id"
+    assert store.profile("PR2") is None
+
+
+def session(at: float, **fields: object) -> SessionOp:
+    values: dict[str, object] = {"at": at, "timeout": 1800.0, "new_session_id": f"SE{at}"}
+    values.update(fields)
+    return SessionOp(**values)  # type: ignore[arg-type]
+
+
+def test_sessions_split_exactly_at_the_inactivity_timeout(store: Store) -> None:
+    ids = [
+        commit_one(store, record(op(ANON, new_profile_id="PR1"), session(at))).session_id
+        for at in (0.0, 1799.5, 3599.0, 5399.0, 5400.0)
+    ]
+    # Each gap is measured from the session's last event: 1799.5 joins, exactly 1800 does not.
+    assert ids == ["SE0.0", "SE0.0", "SE0.0", "SE5399.0", "SE5399.0"]
+
+
+def test_an_explicit_session_id_is_used_and_created_when_unknown(store: Store) -> None:
+    named = commit_one(store, record(op(ANON, new_profile_id="PR1"), session(0.0, session_id="S")))
+    assert named.session_id == "S"
+    joined = commit_one(store, record(op(ANON, new_profile_id="PR1"), session(10.0)))
+    assert joined.session_id == "S"
+
+
+def test_concurrent_first_events_of_one_visitor_make_one_profile(store: Store) -> None:
+    start = threading.Barrier(8)
+    results: list[Outcome] = []
+    lock = threading.Lock()
+
+    def send(n: int) -> None:
+        start.wait()
+        outcome = commit_one(store, record(op(ANON, new_profile_id=f"PR-{n}")))
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(results) == 8
+    assert len({outcome.profile_id for outcome in results}) == 1
