@@ -19,7 +19,7 @@ from typing import Any
 
 from fp_collect import responses
 from fp_collect.config import CollectorConfig
-from fp_collect.dialects import Route, segment
+from fp_collect.dialects import Route, firstparty, segment
 from fp_collect.errors import StoreUnavailable
 from fp_collect.http import HeaderList, Request, Response
 from fp_collect.pipeline import Pipeline, Prepared
@@ -61,9 +61,8 @@ class Collector:
         self.config = config
         self.pipeline = Pipeline(config, clock)
         self.store = store if store is not None else open_store(config.storage)
-        self._routes = {
-            config.prefix + path: route for path, route in segment.routes(self.pipeline).items()
-        }
+        dialects = {**segment.routes(self.pipeline), **firstparty.routes(self.pipeline)}
+        self._routes = {config.prefix + path: route for path, route in dialects.items()}
         self._any_origin = any("*" in s.allowed_origins for s in config.sources)
         self._origins = frozenset(o for s in config.sources for o in s.allowed_origins)
 

@@ -25,6 +25,10 @@ class Source:
     :param allowed_origins: browser origins (``https://shop.example``) allowed to send
         events for this source; ``"*"`` allows any. Requests without an ``Origin``
         header (server SDKs, mobile apps) are never refused on this ground.
+    :param workspace: the workspace the source belongs to; sources of one workspace
+        share profiles (a visitor known to the website is known to the app).
+    :param session_timeout: seconds of inactivity after which a visitor's next event
+        starts a new session; None turns sessions off for this source.
     """
 
     write_key: str
@@ -32,6 +36,8 @@ class Source:
     name: str = ""
     enabled: bool = True
     allowed_origins: tuple[str, ...] = ("*",)
+    workspace: str = "default"
+    session_timeout: float | None = 30 * 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.write_key, str) or not self.write_key:
@@ -49,6 +55,10 @@ class Source:
             object.__setattr__(self, "id", f"src_{digest}")
         if isinstance(self.allowed_origins, str):
             object.__setattr__(self, "allowed_origins", (self.allowed_origins,))
+        if not isinstance(self.workspace, str) or not self.workspace:
+            raise ConfigError("Source.workspace must be a non-empty string")
+        if self.session_timeout is not None and not self.session_timeout > 0:
+            raise ConfigError("Source.session_timeout must be positive seconds or None")
         for origin in self.allowed_origins:
             if origin != "*" and ("://" not in origin or origin.endswith("/")):
                 raise ConfigError(

@@ -25,7 +25,15 @@ from fp_collect.dialects import Route
 from fp_collect.errors import ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
 from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, as_text
-from fp_collect.store.base import Batch, EventRecord, Outcome, RejectionRecord
+from fp_collect.store.base import (
+    Batch,
+    EventRecord,
+    Identity,
+    IdentityOp,
+    Outcome,
+    RejectionRecord,
+)
+from fp_collect.store.identity import email_identity, new_id
 from fp_collect.timestamps import parse_iso
 
 MESSAGE_TYPES = ("identify", "track", "page", "screen", "group", "alias")
@@ -262,6 +270,7 @@ class SegmentAPI:
         message.pop("writeKey", None)
         self.pipeline.enrich(message, incoming, batch_sent_at)
         name = message.get("event") if message_type == "track" else message.get("name")
+        identity = identity_op(message, message_type, source, incoming.received)
         return EventRecord(
             source_id=source.id,
             message_id=message["messageId"],
@@ -272,6 +281,7 @@ class SegmentAPI:
             timestamp=message["timestamp"],
             received_at=incoming.received_iso,
             payload=encode_event(message),
+            identity=identity,
         )
 
     def _refused(
@@ -332,6 +342,47 @@ class BatchDefaults:
                 item[name] = dict(shared)
             elif isinstance(own, dict):
                 item[name] = {**shared, **own}
+
+
+def identity_op(message: Message, message_type: str, source: Source, at: float) -> IdentityOp:
+    """The profile a Segment message belongs to, in the one identity graph.
+
+    ``userId``, ``anonymousId`` and the ``email`` trait are identities. identify merges
+    traits into the profile and, like alias, joins the profiles its identities name; an
+    alias's ``previousId`` may be either a userId or an anonymousId, so it is looked up
+    as both but attached as neither.
+    """
+    identities: list[Identity] = []
+    if message.get("userId"):
+        identities.append(Identity("user_id", message["userId"]))
+    if message.get("anonymousId"):
+        identities.append(Identity("anonymous_id", message["anonymousId"]))
+    context_traits = message["context"].get("traits")
+    traits = None
+    if message_type == "identify":
+        # rudder-sdk-python sends identify traits in context.traits only.
+        traits = message.get("traits") or context_traits
+        traits = traits if isinstance(traits, dict) and traits else None
+    email = _email(traits) or _email(context_traits)
+    if email is not None:
+        identities.append(email)
+    lookups: tuple[Identity, ...] = ()
+    if message_type == "alias":
+        previous = message["previousId"]
+        lookups = (Identity("user_id", previous), Identity("anonymous_id", previous))
+    return IdentityOp(
+        scope=source.workspace,
+        at=at,
+        identities=tuple(identities),
+        lookups=lookups,
+        new_profile_id=new_id("PR"),
+        merge=message_type in ("identify", "alias"),
+        traits=traits,
+    )
+
+
+def _email(traits: object) -> Identity | None:
+    return email_identity(traits.get("email")) if isinstance(traits, dict) else None
 
 
 def normalise_message(message: Message, forced_type: str | None, max_message_id: int) -> str:

@@ -44,6 +44,13 @@ class IdentityGraph(Protocol):
     def touch_session(self, session_id: str, at: float) -> None: ...
 
 
+def email_identity(value: object) -> Identity | None:
+    """An email as an identity, compared case-insensitively; None if it is not one."""
+    if isinstance(value, str) and "@" in value:
+        return Identity("email", value.strip().lower())
+    return None
+
+
 def new_id(prefix: str) -> str:
     """``prefix`` + 30 upper-case base32 characters (150 random bits), the form
     Firstparty uses for profile ids (``PR...``)."""

@@ -289,6 +289,12 @@ class Outcome:
 
 def stored(collector: Collector) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     events = [dataclasses.asdict(e) for e in collector.store.events()]
+    # Profile ids are random; what must match is which events share a profile, so each
+    # id is replaced by the order in which it first appears.
+    first_seen: dict[str, str] = {}
+    for event in events:
+        if event["profile_id"] is not None:
+            event["profile_id"] = first_seen.setdefault(event["profile_id"], f"P{len(first_seen)}")
     rejections = [dataclasses.asdict(r) for r in collector.store.rejections()]
     return events, rejections
 

@@ -1,0 +1,254 @@
+"""The Firstparty Events API (seeds 000-002): ``/events/track`` and ``/events/track/bulk``.
+
+A minimal payload, ``{"event": "Form Completed", "write_key": "..."}``, with optional
+``profile_id``, ``session_id``, ``properties`` and ``context``. Profiles and sessions
+are created on the fly and their IDs returned. The seed promises that every request is
+answered ``200 OK``: problems never show in the status, so each one is recorded with
+the raw payload and its reason (``fp-collect rejections``), and named in the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fp_collect import responses
+from fp_collect.config import Source
+from fp_collect.decoding import dumps_lenient, encode_event
+from fp_collect.dialects import Route
+from fp_collect.errors import ItemRejected, RequestRejected
+from fp_collect.http import Request, Response
+from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, as_text
+from fp_collect.store.base import (
+    Batch,
+    EventRecord,
+    Identity,
+    IdentityOp,
+    Outcome,
+    RejectionRecord,
+    SessionOp,
+)
+from fp_collect.store.identity import email_identity, new_id
+from fp_collect.timestamps import parse_iso
+
+# Longest profile or session id a client may choose (ours are 32 characters).
+MAX_ID_LENGTH = 64
+_UNAVAILABLE = responses.json_response(
+    HTTPStatus.SERVICE_UNAVAILABLE,
+    responses.single_error(
+        HTTPStatus.SERVICE_UNAVAILABLE, "store_unavailable", "The event store is unavailable"
+    ),
+    [("retry-after", "5")],
+)
+
+
+def routes(pipeline: Pipeline) -> dict[str, Route]:
+    api = FirstpartyAPI(pipeline)
+    post = frozenset({"POST"})
+    return {
+        "/events/track": Route("events/track", post, pipeline.limits.max_call_bytes, api.track),
+        "/events/track/bulk": Route(
+            "events/track/bulk", post, pipeline.limits.max_batch_bytes, api.bulk
+        ),
+    }
+
+
+class FirstpartyAPI:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.limits = pipeline.limits
+
+    def track(self, request: Request) -> Prepared:
+        incoming = self.pipeline.incoming(request)
+        payload: bytes | str = request.body
+        source: Source | None = None
+        try:
+            payload = self.pipeline.read_body(request, self.limits.max_call_bytes)
+            message = _object(self.pipeline.parse(payload))
+            source = self._source(request, message.get("write_key"))
+            event = self._event(message, source, incoming)
+        except RequestRejected as rejected:
+            return self._refused(rejected, incoming, payload, source)
+        except ItemRejected as rejected:
+            return self._refused(rejected.as_request(), incoming, payload, source)
+
+        def respond(outcomes: Sequence[Outcome]) -> Response:
+            return responses.json_response(HTTPStatus.OK, _result(outcomes[0]))
+
+        return Prepared(Batch(events=[event]), respond, _UNAVAILABLE)
+
+    def bulk(self, request: Request) -> Prepared:
+        """A JSON array of events, or ``{"events": [...]}`` whose top-level ``write_key``
+        applies to events that carry none."""
+        incoming = self.pipeline.incoming(request)
+        payload: bytes | str = request.body
+        try:
+            payload = self.pipeline.read_body(request, self.limits.max_batch_bytes)
+            body = self.pipeline.parse(payload)
+            shared_key: object = None
+            if isinstance(body, dict):
+                shared_key = body.get("write_key")
+                body = body.get("events")
+            if not isinstance(body, list):
+                raise RequestRejected(
+                    HTTPStatus.BAD_REQUEST,
+                    "invalid_batch",
+                    'the body must be an array of events or {"events": [...]}',
+                )
+        except RequestRejected as rejected:
+            return self._refused(rejected, incoming, payload, None)
+
+        batch = Batch()
+        # Per item: the position of its event in batch.events, or its error.
+        slots: list[int | dict[str, object]] = []
+        for index, item in enumerate(body):
+            source = None
+            try:
+                if not isinstance(item, dict):
+                    raise ItemRejected("invalid_event", "each event must be a JSON object")
+                source = self._source(request, item.get("write_key") or shared_key)
+                batch.events.append(self._event(item, source, incoming))
+                slots.append(len(batch.events) - 1)
+            except (RequestRejected, ItemRejected) as rejected:
+                message_id = item.get("message_id") if isinstance(item, dict) else None
+                slots.append(_error(rejected.reason, rejected.message))
+                batch.rejections.append(
+                    RejectionRecord(
+                        source_id=source.id if source else None,
+                        reason=rejected.reason,
+                        message=rejected.message,
+                        received_at=incoming.received_iso,
+                        endpoint=incoming.endpoint,
+                        payload=dumps_lenient(item),
+                        index=index,
+                        message_id=as_text(message_id) if isinstance(message_id, str) else None,
+                    )
+                )
+
+        def respond(outcomes: Sequence[Outcome]) -> Response:
+            results = [
+                {"index": index, **(_result(outcomes[slot]) if isinstance(slot, int) else slot)}
+                for index, slot in enumerate(slots)
+            ]
+            success = all(result["success"] for result in results)
+            return responses.json_response(HTTPStatus.OK, {"success": success, "events": results})
+
+        return Prepared(batch, respond, _UNAVAILABLE)
+
+    # -- shared steps -----------------------------------------------------------------
+
+    def _source(self, request: Request, body_key: object) -> Source:
+        header_key = self.pipeline.request_credential(request)
+        return self.pipeline.authenticate(header_key if header_key is not None else body_key)
+
+    def _event(self, message: Message, source: Source, incoming: Incoming) -> EventRecord:
+        self.pipeline.check_origin(source, incoming)
+        name = normalise_event(message)
+        message.pop("write_key", None)
+        self.pipeline.enrich(message, incoming)
+        profile_id = message.get("profile_id")
+        session_id = message.get("session_id")
+        identities = [
+            Identity(kind, value)
+            for kind in ("user_id", "anonymous_id")
+            if isinstance(value := message.get(kind), str)
+        ]
+        email = email_identity(message.get("email"))
+        if email is not None:
+            identities.append(email)
+        identity = IdentityOp(
+            scope=source.workspace,
+            at=incoming.received,
+            identities=tuple(identities),
+            profile_id=profile_id,
+            new_profile_id=new_id("PR"),
+        )
+        session = None
+        if source.session_timeout is not None:
+            session = SessionOp(
+                at=incoming.received,
+                timeout=source.session_timeout,
+                new_session_id=new_id("SE"),
+                session_id=session_id,
+            )
+        return EventRecord(
+            source_id=source.id,
+            message_id=message["message_id"],
+            type="track",
+            name=name,
+            user_id=message.get("user_id"),
+            anonymous_id=message.get("anonymous_id"),
+            timestamp=message["timestamp"],
+            received_at=incoming.received_iso,
+            payload=encode_event(message),
+            identity=identity,
+            session=session,
+        )
+
+    def _refused(
+        self,
+        rejected: RequestRejected,
+        incoming: Incoming,
+        payload: bytes | str,
+        source: Source | None,
+    ) -> Prepared:
+        batch = Batch(
+            rejections=self.pipeline.request_rejection(rejected, incoming, payload, source)
+        )
+        answer = responses.json_response(HTTPStatus.OK, _error(rejected.reason, rejected.message))
+        return Prepared(batch, lambda _outcomes: answer, _UNAVAILABLE)
+
+
+def normalise_event(message: Message) -> str:
+    """Validate a Firstparty event in place and return its name.
+
+    ``event`` (the seeds also say ``name``) is required; ``properties`` and ``context``
+    must be objects; ``profile_id``, ``session_id`` and the optional identities strings.
+    ``name`` is folded into ``event``; a ``message_id`` is generated when missing.
+    """
+    name = message.get("event")
+    if name is None:
+        name = message.pop("name", None)
+    if not isinstance(name, str) or not name.strip():
+        raise ItemRejected("missing_event", "event (the event's name) is required")
+    message["event"] = name
+    for field in ("properties", "context"):
+        value = message.get(field)
+        if value is not None and not isinstance(value, dict):
+            raise ItemRejected("invalid_field", f"{field} must be an object")
+    for field in ("profile_id", "session_id", "message_id", "user_id", "anonymous_id", "email"):
+        value = message.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+            raise ItemRejected(
+                "invalid_field", f"{field} must be a string of 1 to {MAX_ID_LENGTH} characters"
+            )
+    timestamp = message.get("timestamp")
+    if timestamp is not None and (not isinstance(timestamp, str) or parse_iso(timestamp) is None):
+        raise ItemRejected("invalid_timestamp", "timestamp must be an ISO-8601 date string")
+    if not message.get("message_id"):
+        message["message_id"] = new_id("EV")
+    return name
+
+
+def _result(outcome: Outcome) -> dict[str, object]:
+    if outcome.stored:
+        return {"success": True, "profile_id": outcome.profile_id, "session_id": outcome.session_id}
+    if outcome.reason == "duplicate_message_id":
+        # A retry of an event already stored: the client must not send it again.
+        return {"success": True, "duplicate": True}
+    return _error(outcome.reason or "rejected", f"not stored: {outcome.reason}")
+
+
+def _error(code: str, message: str) -> dict[str, object]:
+    return {"success": False, "code": code, "message": message}
+
+
+def _object(value: Any) -> Message:
+    if not isinstance(value, dict):
+        raise RequestRejected(
+            HTTPStatus.BAD_REQUEST, "invalid_body", "the body must be a JSON object"
+        )
+    return value
