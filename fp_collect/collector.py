@@ -19,10 +19,11 @@ from typing import Any
 
 from fp_collect import responses
 from fp_collect.config import CollectorConfig
-from fp_collect.dialects import Route, firstparty, segment
+from fp_collect.dialects import Reader, Route, firstparty, segment
 from fp_collect.errors import StoreUnavailable
 from fp_collect.http import HeaderList, Request, Response
 from fp_collect.pipeline import Pipeline, Prepared
+from fp_collect.read_api import PROFILES_PATH, ReadAPI
 from fp_collect.store import Store, open_store
 from fp_collect.store.base import Batch, RejectionRecord
 from fp_collect.timestamps import format_iso
@@ -62,7 +63,13 @@ class Collector:
         self.pipeline = Pipeline(config, clock)
         self.store = store if store is not None else open_store(config.storage)
         dialects = {**segment.routes(self.pipeline), **firstparty.routes(self.pipeline)}
+        self._profile_route: Route | None = None
+        if config.read_tokens:
+            reads = ReadAPI(config.read_tokens, lambda: self.store)
+            dialects.update(reads.routes())
+            self._profile_route = reads.profile_route()
         self._routes = {config.prefix + path: route for path, route in dialects.items()}
+        self._profiles_prefix = config.prefix + PROFILES_PATH
         self._any_origin = any("*" in s.allowed_origins for s in config.sources)
         self._origins = frozenset(o for s in config.sources for o in s.allowed_origins)
 
@@ -71,6 +78,10 @@ class Collector:
         route = self._routes.get(path)
         if route is None and len(path) > 1 and path.endswith("/"):
             route = self._routes.get(path[:-1])
+        if route is None and self._profile_route is not None:
+            profile_id = path[len(self._profiles_prefix) :]
+            if path.startswith(self._profiles_prefix) and profile_id and "/" not in profile_id:
+                route = self._profile_route
         return route
 
     def prepare(self, route: Route, request: Request) -> Prepared:
@@ -88,6 +99,7 @@ class Collector:
                 responses.json_response(HTTPStatus.METHOD_NOT_ALLOWED, body, [("allow", allow)])
             )
         try:
+            assert route.handler is not None, "read routes are answered by handle()"
             return route.handler(request)
         except Exception:
             logger.exception("fp-collect failed on %s %s", request.method, request.path)
@@ -95,6 +107,8 @@ class Collector:
 
     def handle(self, route: Route, request: Request) -> Response:
         """Process ``request`` and wait (blocking) until its events are committed."""
+        if route.reader is not None and request.method in route.methods:
+            return self._with_cors(self._read(route.reader, request), request)
         prepared = self.prepare(route, request)
         if not (prepared.batch.events or prepared.batch.rejections):
             return self._with_cors(prepared.respond([]), request)
@@ -107,6 +121,10 @@ class Collector:
 
     async def handle_async(self, route: Route, request: Request) -> Response:
         """Like :meth:`handle`, awaiting the commit without blocking the event loop."""
+        if route.reader is not None and request.method in route.methods:
+            # Store reads block: run them in a worker thread, never on the loop.
+            response = await asyncio.to_thread(self._read, route.reader, request)
+            return self._with_cors(response, request)
         prepared = self.prepare(route, request)
         if not (prepared.batch.events or prepared.batch.rejections):
             return self._with_cors(prepared.respond([]), request)
@@ -119,6 +137,18 @@ class Collector:
             logger.warning("fp-collect store unavailable: %s", exc)
             return self._with_cors(prepared.unavailable, request)
         return self._with_cors(prepared.respond(outcomes), request)
+
+    def _read(self, reader: Reader, request: Request) -> Response:
+        try:
+            return reader(request)
+        except StoreUnavailable as exc:
+            logger.warning("fp-collect store unavailable for a read: %s", exc)
+            body = responses.single_error(
+                HTTPStatus.SERVICE_UNAVAILABLE, "store_unavailable", "The store is unavailable"
+            )
+            return responses.json_response(
+                HTTPStatus.SERVICE_UNAVAILABLE, body, [("retry-after", "5")]
+            )
 
     def close(self) -> None:
         """Flush and close the store."""

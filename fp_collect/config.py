@@ -117,6 +117,9 @@ class CollectorConfig:
         so a misconfigured client shows up in ``fp-collect rejections``.
     :param commit_timeout: seconds a request waits for its commit before it is
         answered 503 (the events may still be written; clients retry and dedup holds).
+    :param read_tokens: secret tokens that may read events and profiles back through
+        ``GET /events`` and ``GET /profiles/{id}`` (``Authorization: Bearer``). With
+        none, the read API is not mounted at all.
     """
 
     sources: tuple[Source, ...] = ()
@@ -127,6 +130,7 @@ class CollectorConfig:
     max_future_seconds: float = 300.0
     record_unauthenticated: bool = True
     commit_timeout: float = 10.0
+    read_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         sources = tuple(self.sources)
@@ -154,6 +158,13 @@ class CollectorConfig:
             raise ConfigError("max_future_seconds must not be negative")
         if self.commit_timeout <= 0:
             raise ConfigError("commit_timeout must be positive")
+        tokens = (self.read_tokens,) if isinstance(self.read_tokens, str) else self.read_tokens
+        object.__setattr__(self, "read_tokens", tuple(tokens))
+        for token in self.read_tokens:
+            if not isinstance(token, str) or len(token) < 16:
+                raise ConfigError("each read token must be a secret of at least 16 characters")
+            if any(token == source.write_key for source in self.sources):
+                raise ConfigError("a read token must not be a write key: write keys are public")
 
     def proxy_networks(self) -> tuple[IPNetwork, ...]:
         networks = []

@@ -181,15 +181,20 @@ class StoredRejection:
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """Filters for reading back. ``since`` compares with ``received_at`` (ISO, UTC).
+    """Filters for reading back. ``since`` (inclusive) and ``until`` (exclusive) compare
+    with ``received_at`` (ISO, UTC, as the store writes it).
 
     ``after_id`` is a cursor: only rows with a larger id. Rows come in id order.
-    ``type`` filters events by type and rejections by reason.
+    ``type`` filters events by type and rejections by reason. ``name`` (the event's name)
+    and ``profile_id`` filter events only.
     """
 
     source_id: str | None = None
     type: str | None = None
     since: str | None = None
+    until: str | None = None
+    name: str | None = None
+    profile_id: str | None = None
     after_id: int = 0
     limit: int | None = None
 

@@ -228,9 +228,15 @@ class MemoryStore(Store):
 
 def _matches(query: Query, row: StoredEvent | StoredRejection, kind: str) -> bool:
     """``kind`` is what ``query.type`` filters: an event's type, a rejection's reason."""
+    if isinstance(row, StoredEvent) and (
+        (query.name is not None and row.name != query.name)
+        or (query.profile_id is not None and row.profile_id != query.profile_id)
+    ):
+        return False
     return (
         row.id > query.after_id
         and (query.source_id is None or row.source_id == query.source_id)
         and (query.type is None or kind == query.type)
         and (query.since is None or row.received_at >= query.since)
+        and (query.until is None or row.received_at < query.until)
     )

@@ -409,6 +409,15 @@ class SQLiteStore(Store):
         if query.since is not None:
             where.append("received_at >= ?")
             params.append(query.since)
+        if query.until is not None:
+            where.append("received_at < ?")
+            params.append(query.until)
+        if table == "events" and query.name is not None:
+            where.append("name = ?")
+            params.append(query.name)
+        if table == "events" and query.profile_id is not None:
+            where.append("profile_id = ?")
+            params.append(query.profile_id)
         sql = f"SELECT {columns} FROM {table} WHERE {' AND '.join(where)} ORDER BY id"
         if query.limit is not None:
             sql += " LIMIT ?"
