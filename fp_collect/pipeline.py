@@ -16,8 +16,14 @@ from typing import Any
 from fp_collect.auth import KeyRing, basic_username, invalid_write_key
 from fp_collect.clientip import ClientAddress
 from fp_collect.config import CollectorConfig, Source
-from fp_collect.decoding import check_content_type, decompress, parse_json, too_large
-from fp_collect.errors import RequestRejected
+from fp_collect.decoding import (
+    check_content_type,
+    decompress,
+    dumps_lenient,
+    parse_json,
+    too_large,
+)
+from fp_collect.errors import ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
 from fp_collect.store.base import Batch, Outcome, RejectionRecord
 from fp_collect.timestamps import MAX_EPOCH, MIN_EPOCH, format_iso, parse_iso
@@ -164,6 +170,28 @@ class Pipeline:
                 payload=as_text(payload),
             )
         ]
+
+    def item_rejection(
+        self,
+        rejected: RequestRejected | ItemRejected,
+        incoming: Incoming,
+        item: object,
+        index: int,
+        source: Source | None,
+        message_id: object,
+    ) -> RejectionRecord:
+        """The record of one refused item of a batch, kept with its raw JSON."""
+        return RejectionRecord(
+            source_id=source.id if source else None,
+            reason=rejected.reason,
+            message=rejected.message,
+            received_at=incoming.received_iso,
+            endpoint=incoming.endpoint,
+            payload=dumps_lenient(item),
+            index=index,
+            # as_text: a hostile id may hold a lone surrogate that no store accepts.
+            message_id=as_text(message_id) if isinstance(message_id, str) else None,
+        )
 
 
 def as_text(payload: bytes | str) -> str:

@@ -15,18 +15,17 @@ from typing import Any
 
 from fp_collect import responses
 from fp_collect.config import Source
-from fp_collect.decoding import dumps_lenient, encode_event
+from fp_collect.decoding import encode_event
 from fp_collect.dialects import Route
 from fp_collect.errors import ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
-from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, as_text
+from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared
 from fp_collect.store.base import (
     Batch,
     EventRecord,
     Identity,
     IdentityOp,
     Outcome,
-    RejectionRecord,
     SessionOp,
 )
 from fp_collect.store.identity import email_identity, new_id
@@ -111,19 +110,10 @@ class FirstpartyAPI:
                 batch.events.append(self._event(item, source, incoming))
                 slots.append(len(batch.events) - 1)
             except (RequestRejected, ItemRejected) as rejected:
-                message_id = item.get("message_id") if isinstance(item, dict) else None
+                raw_id = item.get("message_id") if isinstance(item, dict) else None
                 slots.append(_error(rejected.reason, rejected.message))
                 batch.rejections.append(
-                    RejectionRecord(
-                        source_id=source.id if source else None,
-                        reason=rejected.reason,
-                        message=rejected.message,
-                        received_at=incoming.received_iso,
-                        endpoint=incoming.endpoint,
-                        payload=dumps_lenient(item),
-                        index=index,
-                        message_id=as_text(message_id) if isinstance(message_id, str) else None,
-                    )
+                    self.pipeline.item_rejection(rejected, incoming, item, index, source, raw_id)
                 )
 
         def respond(outcomes: Sequence[Outcome]) -> Response:

@@ -20,18 +20,17 @@ from urllib.parse import parse_qs
 from fp_collect import responses
 from fp_collect.auth import invalid_write_key
 from fp_collect.config import Source
-from fp_collect.decoding import dumps_lenient, encode_event, too_large
+from fp_collect.decoding import encode_event, too_large
 from fp_collect.dialects import Route
 from fp_collect.errors import ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
-from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, as_text
+from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared
 from fp_collect.store.base import (
     Batch,
     EventRecord,
     Identity,
     IdentityOp,
     Outcome,
-    RejectionRecord,
 )
 from fp_collect.store.identity import email_identity, new_id
 from fp_collect.timestamps import parse_iso
@@ -223,22 +222,12 @@ class SegmentAPI:
                 defaults.apply(item)
                 batch.events.append(self._event(item, None, source, incoming, defaults.sent_at))
             except ItemRejected as rejected:
-                message_id = item.get("messageId") if isinstance(item, dict) else None
-                # as_text: a hostile messageId may hold a lone surrogate no store accepts.
-                message_id = as_text(message_id) if isinstance(message_id, str) else None
-                errors.append(_item_error(index, message_id, rejected))
-                batch.rejections.append(
-                    RejectionRecord(
-                        source_id=source.id if source else None,
-                        reason=rejected.reason,
-                        message=rejected.message,
-                        received_at=incoming.received_iso,
-                        endpoint=incoming.endpoint,
-                        payload=dumps_lenient(item),
-                        index=index,
-                        message_id=message_id,
-                    )
+                raw_id = item.get("messageId") if isinstance(item, dict) else None
+                record = self.pipeline.item_rejection(
+                    rejected, incoming, item, index, source, raw_id
                 )
+                errors.append(_item_error(index, record.message_id, rejected))
+                batch.rejections.append(record)
         if not errors:
             return _accepted(batch)
         status = HTTPStatus.MULTI_STATUS if batch.events else HTTPStatus.BAD_REQUEST
