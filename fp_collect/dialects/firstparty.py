@@ -152,14 +152,12 @@ class FirstpartyAPI:
             at=incoming.received,
             identities=tuple(identities),
             profile_id=profile_id,
-            new_profile_id=new_id("PR"),
         )
         session = None
         if source.session_timeout is not None:
             session = SessionOp(
                 at=incoming.received,
                 timeout=source.session_timeout,
-                new_session_id=new_id("SE"),
                 session_id=session_id,
             )
         return EventRecord(

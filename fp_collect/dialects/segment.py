@@ -32,7 +32,7 @@ from fp_collect.store.base import (
     IdentityOp,
     Outcome,
 )
-from fp_collect.store.identity import email_identity, new_id
+from fp_collect.store.identity import email_identity
 from fp_collect.timestamps import parse_iso
 
 MESSAGE_TYPES = ("identify", "track", "page", "screen", "group", "alias")
@@ -364,7 +364,6 @@ def identity_op(message: Message, message_type: str, source: Source, at: float) 
         at=at,
         identities=tuple(identities),
         lookups=lookups,
-        new_profile_id=new_id("PR"),
         merge=message_type in ("identify", "alias"),
         traits=traits,
     )

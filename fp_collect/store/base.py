@@ -49,7 +49,8 @@ class IdentityOp:
     * otherwise the profiles owning any of ``identities`` or ``lookups``. None: a new
       profile with id ``new_profile_id`` (unless ``create`` is False: the event is then
       refused as ``unknown_user``). Several: with ``merge`` (identify, alias) they become
-      one, the oldest surviving; without, the first identity's profile is used.
+      one, the oldest surviving; without, the first identity's profile is used. The
+      store draws a new id itself unless ``new_profile_id`` names one (tests, imports).
 
     Then every identity not yet owned by a profile is attached to the result (``lookups``
     are only looked up, never attached), and ``traits`` are merged into its traits.
@@ -70,11 +71,11 @@ class IdentityOp:
 class SessionOp:
     """Which session an event joins: ``session_id`` if given (created when unknown), else
     the profile's latest session when it was active within ``timeout`` seconds of ``at``,
-    else a new session with id ``new_session_id``."""
+    else a new session, with id ``new_session_id`` or one the store draws."""
 
     at: float
     timeout: float
-    new_session_id: str
+    new_session_id: str = ""
     session_id: str | None = None
 
 

@@ -8,7 +8,6 @@ makes two concurrent first events of one visitor end up on one profile.
 
 from __future__ import annotations
 
-import base64
 import os
 from typing import Protocol
 
@@ -52,9 +51,9 @@ def email_identity(value: object) -> Identity | None:
 
 
 def new_id(prefix: str) -> str:
-    """``prefix`` + 30 upper-case base32 characters (150 random bits), the form
-    Firstparty uses for profile ids (``PR...``)."""
-    return prefix + base64.b32encode(os.urandom(19)).decode("ascii")[:30]
+    """``prefix`` + 30 upper-case hex digits (120 random bits): the seeds' ID form
+    (``PR`` + 30 characters for profiles)."""
+    return prefix + os.urandom(15).hex().upper()
 
 
 def resolve_profile(graph: IdentityGraph, op: IdentityOp) -> str | None:

@@ -16,7 +16,7 @@ from fp_collect import Collector, Request, Source
 from fp_collect.store.base import Query
 
 KEY = "fp-key"
-PROFILE_ID = re.compile(r"PR[A-Z2-7]{30}")
+PROFILE_ID = re.compile(r"PR[0-9A-F]{30}")
 
 
 class Clock:
