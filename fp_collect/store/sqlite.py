@@ -31,6 +31,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import closing
@@ -189,7 +190,7 @@ class SQLiteStore(Store):
     def _create_schema(self) -> None:
         try:
             with closing(self._connect()) as conn:
-                (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                mode = self._enable_wal(conn)
                 if mode != "wal":
                     raise ConfigError(f"SQLite store {self._path!r} needs a file that supports WAL")
                 conn.executescript(_SCHEMA)
@@ -206,6 +207,26 @@ class SQLiteStore(Store):
             raise ConfigError(
                 f"{self._path!r} has schema version {version}, expected {SCHEMA_VERSION}"
             )
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> str:
+        """Switch the file to WAL (a lasting property of the file) and return the mode.
+
+        Changing the journal mode needs the file to itself, and SQLite answers "locked"
+        at once rather than waiting on the busy timeout when another process opening
+        the same new file got there first; so wait for it here, within that timeout.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+                if mode == "wal":
+                    return "wal"
+                (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                return str(mode)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     # -- writing -------------------------------------------------------------------------
 
