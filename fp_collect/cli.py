@@ -290,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this type: track, page, screen, identify, group or alias",
     )
     _add_window(events, event_options)
+    events.add_argument(
+        "--flagged",
+        action="store_true",
+        help="only events stored with warnings (a failed rule, an event name that breaks "
+        "the naming guidelines); each line then shows the warnings beside the event",
+    )
     events.set_defaults(run=_events, options=event_options)
 
     rejections = commands.add_parser(
@@ -402,9 +408,29 @@ _Row = TypeVar("_Row", StoredEvent, StoredRejection)
 
 
 def _events(args: argparse.Namespace) -> int:
-    query = Query(source_id=args.source, type=args.type, since=args.since, limit=args.limit)
+    query = Query(
+        source_id=args.source,
+        type=args.type,
+        since=args.since,
+        limit=args.limit,
+        flagged=args.flagged,
+    )
+    line = _flagged_line if args.flagged else _payload_line
     with _open_for_reading(args.storage) as store:
-        return _print_lines(event.payload for event in _paged(store.events, query))
+        return _print_lines(line(event) for event in _paged(store.events, query))
+
+
+def _payload_line(event: StoredEvent) -> str:
+    return event.payload
+
+
+def _flagged_line(event: StoredEvent) -> str:
+    meta = json.dumps(
+        {"id": event.id, "source_id": event.source_id, "message_id": event.message_id,
+         "warnings": list(event.warnings)},
+        ensure_ascii=False,
+    )  # fmt: skip
+    return meta[:-1] + ', "event": ' + event.payload + "}"
 
 
 def _rejections(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from fp_collect.errors import ConfigError
+from fp_collect.rules import RuleSet
 
 KIB = 1024
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -29,6 +30,10 @@ class Source:
         share profiles (a visitor known to the website is known to the app).
     :param session_timeout: seconds of inactivity after which a visitor's next event
         starts a new session; None turns sessions off for this source.
+    :param rules: edits run on each event right after collection, in order (callables
+        or the declarative rules of :mod:`fp_collect.rules`); see :class:`RuleSet`.
+    :param strict_event_names: refuse (and record) track events whose names break the
+        naming guidelines, instead of storing them with warnings.
     """
 
     write_key: str
@@ -38,6 +43,8 @@ class Source:
     allowed_origins: tuple[str, ...] = ("*",)
     workspace: str = "default"
     session_timeout: float | None = 30 * 60.0
+    rules: RuleSet = field(default_factory=RuleSet)
+    strict_event_names: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.write_key, str) or not self.write_key:
@@ -55,6 +62,11 @@ class Source:
             object.__setattr__(self, "id", f"src_{digest}")
         if isinstance(self.allowed_origins, str):
             object.__setattr__(self, "allowed_origins", (self.allowed_origins,))
+        if not isinstance(self.rules, RuleSet):
+            # A plain list of rules is welcome too.
+            object.__setattr__(self, "rules", RuleSet(self.rules))
+        if not isinstance(self.strict_event_names, bool):
+            raise ConfigError("Source.strict_event_names must be True or False")
         if not isinstance(self.workspace, str) or not self.workspace:
             raise ConfigError("Source.workspace must be a non-empty string")
         if self.session_timeout is not None and not self.session_timeout > 0:

@@ -24,6 +24,7 @@ from fp_collect.decoding import (
     too_large,
 )
 from fp_collect.errors import ItemRejected, RequestRejected
+from fp_collect.event_names import EventNamePolicy
 from fp_collect.http import Request, Response
 from fp_collect.store.base import Batch, Outcome, RejectionRecord
 from fp_collect.timestamps import MAX_EPOCH, MIN_EPOCH, format_iso, parse_iso
@@ -65,6 +66,7 @@ class Pipeline:
         self.clock = clock
         self.keys = KeyRing(config.sources)
         self._client_address = ClientAddress(config.proxy_networks())
+        self._name_policies = {strict: EventNamePolicy(strict) for strict in (False, True)}
 
     def incoming(self, request: Request) -> Incoming:
         received = self.clock()
@@ -147,6 +149,35 @@ class Pipeline:
         if not MIN_EPOCH <= corrected <= MAX_EPOCH:
             return event_time
         return corrected
+
+    # -- rules and restrictions ---------------------------------------------------------
+
+    def apply_rules(self, message: Message, source: Source) -> tuple[Message, tuple[str, ...]]:
+        """Run the source's rules, then the naming guidelines on the final name.
+
+        Returns the event to keep and the warnings it is stored with (a rule that failed,
+        a name that breaks the guidelines). A strict source refuses such a name instead.
+        """
+        warnings: list[str] = []
+        if source.rules:
+            result = source.rules.apply(message)
+            message = result.event
+            warnings.extend(
+                f"rule {error.rule_index} ({error.rule_name}): {error.message}"
+                for error in result.errors
+            )
+        name = message.get("event")
+        # Page and screen names ("Home") are not events: the guidelines are for track.
+        if message.get("type", "track") == "track" and isinstance(name, str):
+            verdict = self._name_policies[source.strict_event_names].evaluate(name)
+            if verdict.reject:
+                raise ItemRejected(
+                    "event_name_not_allowed",
+                    f"event name {name[:100]!r} breaks the naming guidelines: "
+                    + " ".join(verdict.warnings),
+                )
+            warnings.extend(f"event name: {warning}" for warning in verdict.warnings)
+        return message, tuple(warnings)
 
     # -- record -----------------------------------------------------------------------
 

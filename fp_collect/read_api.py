@@ -104,6 +104,7 @@ def _events_query(params: dict[str, str]) -> Query:
         type=params.get("type") or None,
         name=params.get("event") or None,
         profile_id=params.get("profile_id") or None,
+        flagged=_flag(params.get("flagged"), "flagged"),
         since=_instant(params.get("since"), "since"),
         until=_instant(params.get("until"), "until"),
         after_id=_integer(params.get("cursor"), "cursor", 0),
@@ -117,6 +118,14 @@ def _integer(raw: str | None, name: str, default: int) -> int:
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         raise ValueError(f"{name} must be a whole number")
     return int(raw)
+
+
+def _flag(raw: str | None, name: str) -> bool:
+    if raw in (None, "", "false", "0"):
+        return False
+    if raw in ("true", "1"):
+        return True
+    raise ValueError(f"{name} must be true or false")
 
 
 def _instant(raw: str | None, name: str) -> str | None:
@@ -141,6 +150,7 @@ def _event_json(row: StoredEvent) -> str:
             "session_id": row.session_id,
             "timestamp": row.timestamp,
             "received_at": row.received_at,
+            "warnings": list(row.warnings),
         }
     )
     return meta[:-1] + ',"event":' + row.payload + "}"

@@ -66,6 +66,12 @@ _STRING_FIELDS = (
     "previousId",
     "timestamp",
     "receivedAt",
+    # the Firstparty API's identifiers
+    "profile_id",
+    "session_id",
+    "user_id",
+    "anonymous_id",
+    "email",
 )
 _OBJECT_FIELDS = ("properties", "context", "traits", "integrations")
 _REQUIRED_ONCE_SET = ("timestamp", "receivedAt", "groupId", "previousId")
@@ -197,7 +203,8 @@ def _finished(event: Event) -> Event:
 
 
 def _name_field(event: Event) -> str:
-    return "event" if event.get("type") == "track" else "name"
+    # Firstparty events carry no type: like track, they are named by "event".
+    return "event" if event.get("type", "track") == "track" else "name"
 
 
 def _non_empty(owner: str, name: str, value: object) -> None:
@@ -437,11 +444,11 @@ def _broken(before: Event, after: object) -> str | None:
     valid are held to it, so a rule is never blamed for its input."""
     if not isinstance(after, dict):
         return f"returned {type(after).__name__}, not a dict or None"
-    for name in ("type", "messageId"):
+    for name in ("type", "messageId", "message_id"):
         if after.get(name) != before.get(name):
             return f"changed {name} from {before.get(name)!r} to {after.get(name)!r}"
     if (
-        before.get("type") == "track"
+        before.get("type", "track") == "track"
         and _text_field(before.get("event"))
         and not _text_field(after.get("event"))
     ):

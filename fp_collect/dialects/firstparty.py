@@ -137,6 +137,8 @@ class FirstpartyAPI:
         name = normalise_event(message)
         message.pop("write_key", None)
         self.pipeline.enrich(message, incoming)
+        message, warnings = self.pipeline.apply_rules(message, source)
+        name = message["event"]  # rules may rename it, never remove it
         profile_id = message.get("profile_id")
         session_id = message.get("session_id")
         identities = [
@@ -172,6 +174,7 @@ class FirstpartyAPI:
             payload=encode_event(message),
             identity=identity,
             session=session,
+            warnings=warnings,
         )
 
     def _refused(

@@ -258,6 +258,7 @@ class SegmentAPI:
         # The key did its job in authentication; it is not part of the event.
         message.pop("writeKey", None)
         self.pipeline.enrich(message, incoming, batch_sent_at)
+        message, warnings = self.pipeline.apply_rules(message, source)
         name = message.get("event") if message_type == "track" else message.get("name")
         identity = identity_op(message, message_type, source, incoming.received)
         return EventRecord(
@@ -271,6 +272,7 @@ class SegmentAPI:
             received_at=incoming.received_iso,
             payload=encode_event(message),
             identity=identity,
+            warnings=warnings,
         )
 
     def _refused(
@@ -346,7 +348,8 @@ def identity_op(message: Message, message_type: str, source: Source, at: float) 
         identities.append(Identity("user_id", message["userId"]))
     if message.get("anonymousId"):
         identities.append(Identity("anonymous_id", message["anonymousId"]))
-    context_traits = message["context"].get("traits")
+    context = message.get("context")  # a rule may have removed it
+    context_traits = context.get("traits") if isinstance(context, dict) else None
     traits = None
     if message_type == "identify":
         # rudder-sdk-python sends identify traits in context.traits only.

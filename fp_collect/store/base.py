@@ -96,6 +96,8 @@ class EventRecord:
     identity: IdentityOp | None = None
     # Only with an identity: sessions belong to profiles.
     session: SessionOp | None = None
+    # Why the event is flagged though stored: rule errors, event-name guidelines.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -154,6 +156,7 @@ class StoredEvent:
     payload: str
     profile_id: str | None = None
     session_id: str | None = None
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,8 +189,8 @@ class Query:
     with ``received_at`` (ISO, UTC, as the store writes it).
 
     ``after_id`` is a cursor: only rows with a larger id. Rows come in id order.
-    ``type`` filters events by type and rejections by reason. ``name`` (the event's name)
-    and ``profile_id`` filter events only.
+    ``type`` filters events by type and rejections by reason. ``name`` (the event's name),
+    ``profile_id`` and ``flagged`` (only events stored with warnings) filter events only.
     """
 
     source_id: str | None = None
@@ -196,6 +199,7 @@ class Query:
     until: str | None = None
     name: str | None = None
     profile_id: str | None = None
+    flagged: bool = False
     after_id: int = 0
     limit: int | None = None
 

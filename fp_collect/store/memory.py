@@ -163,6 +163,7 @@ class MemoryStore(Store):
                 payload=event.payload,
                 profile_id=profile_id,
                 session_id=session_id,
+                warnings=event.warnings,
             )
         )
         return STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
@@ -231,6 +232,7 @@ def _matches(query: Query, row: StoredEvent | StoredRejection, kind: str) -> boo
     if isinstance(row, StoredEvent) and (
         (query.name is not None and row.name != query.name)
         or (query.profile_id is not None and row.profile_id != query.profile_id)
+        or (query.flagged and not row.warnings)
     ):
         return False
     return (

@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import closing
+from dataclasses import replace
 from typing import Any, Literal
 
 import ujson
@@ -59,7 +60,7 @@ from fp_collect.store.base import (
 )
 from fp_collect.store.identity import resolve_profile, resolve_session
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_GROUP = 512
 
 _SCHEMA = """
@@ -137,16 +138,27 @@ UPDATE schema_version SET version = 2;
 COMMIT;
 """
 
+# Version 3: warnings an event was stored with (a JSON array), NULL when none.
+_MIGRATE_TO_3 = """
+BEGIN IMMEDIATE;
+ALTER TABLE events ADD COLUMN warnings TEXT;
+CREATE INDEX IF NOT EXISTS events_flagged ON events (source_id, id) WHERE warnings IS NOT NULL;
+UPDATE schema_version SET version = 3;
+COMMIT;
+"""
+_MIGRATIONS = {1: _MIGRATE_TO_2, 2: _MIGRATE_TO_3}
+
 _EVENT_COLUMNS = (
     "id, source_id, message_id, type, name, user_id, anonymous_id, timestamp, received_at,"
-    " payload, profile_id, session_id"
+    " payload, profile_id, session_id, warnings"
 )
 _REJECTION_COLUMNS = (
     "id, source_id, reason, message, received_at, endpoint, payload, idx, message_id"
 )
 _INSERT_EVENT = (
     "INSERT INTO events (source_id, message_id, type, name, user_id, anonymous_id, timestamp,"
-    " received_at, payload, profile_id, session_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " received_at, payload, profile_id, session_id, warnings)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (source_id, message_id) DO NOTHING"
 )
 _INSERT_REJECTION = (
@@ -195,8 +207,8 @@ class SQLiteStore(Store):
                     raise ConfigError(f"SQLite store {self._path!r} needs a file that supports WAL")
                 conn.executescript(_SCHEMA)
                 (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-                if version == 1:
-                    conn.executescript(_MIGRATE_TO_2)
+                while version in _MIGRATIONS:
+                    conn.executescript(_MIGRATIONS[version])
                     # Another process may have migrated between our read and our lock.
                     (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
         except sqlite3.Error as exc:
@@ -373,6 +385,7 @@ class SQLiteStore(Store):
                 event.payload,
                 profile_id,
                 session_id,
+                dumps(list(event.warnings)) if event.warnings else None,
             ),
         ).rowcount
         if not inserted:
@@ -388,7 +401,7 @@ class SQLiteStore(Store):
 
     def events(self, query: Query = Query()) -> Iterator[StoredEvent]:
         rows = self._select("events", _EVENT_COLUMNS, "type", query)
-        return (StoredEvent(*row) for row in rows)
+        return (_stored_event(row) for row in rows)
 
     def rejections(self, query: Query = Query()) -> Iterator[StoredRejection]:
         rows = self._select("rejections", _REJECTION_COLUMNS, "reason", query)
@@ -439,6 +452,8 @@ class SQLiteStore(Store):
         if table == "events" and query.profile_id is not None:
             where.append("profile_id = ?")
             params.append(query.profile_id)
+        if table == "events" and query.flagged:
+            where.append("warnings IS NOT NULL")
         sql = f"SELECT {columns} FROM {table} WHERE {' AND '.join(where)} ORDER BY id"
         if query.limit is not None:
             sql += " LIMIT ?"
@@ -461,6 +476,12 @@ class SQLiteStore(Store):
                 self._queue.put(None)
         if threading.current_thread() is not self._writer:
             self._writer.join()
+
+
+def _stored_event(row: _Row) -> StoredEvent:
+    *columns, warnings = row
+    event = StoredEvent(*columns)
+    return replace(event, warnings=tuple(ujson.loads(warnings))) if warnings else event
 
 
 def _unavailable(message: str, cause: BaseException) -> StoreUnavailable:

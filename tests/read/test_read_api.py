@@ -191,3 +191,16 @@ def test_both_adapters_serve_reads(tmp_path: Path) -> None:
     assert asgi.status_code == wsgi.status_code == 200
     assert asgi.content == wsgi.get_data()
     assert [e["name"] for e in asgi.json()["events"]] == ["Page Viewed"]
+
+
+def test_flagged_events_are_listed_with_their_warnings(collector: Collector) -> None:
+    track(collector, "key-a", "Page Viewed")
+    track(collector, "key-a", "button clicked")
+    status, body = read(collector, "/events", "source_id=a&flagged=true")
+    assert status == 200
+    (event,) = body["events"]
+    assert event["name"] == "button clicked"
+    assert event["warnings"] and event["warnings"][0].startswith("event name: ")
+    status, body = read(collector, "/events", "source_id=a")
+    assert [e["warnings"] == [] for e in body["events"]] == [True, False]
+    assert read(collector, "/events", "source_id=a&flagged=maybe")[0] == 400

@@ -180,4 +180,4 @@ def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
         assert (old.message_id, old.profile_id, old.session_id) == ("old", None, None)
         assert store.commit(Batch(events=[event("old"), event("new")])) == [DUPLICATE, STORED]
     with closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
