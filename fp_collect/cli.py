@@ -269,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="browser origin allowed to send events, e.g. https://shop.example; repeat "
         "for several (comma separated in the environment). Default: any origin",
     )
+    _add(
+        serve,
+        serve_options,
+        "--config",
+        env="FP_COLLECT_CONFIG",
+        metavar="FILE",
+        help="a TOML configuration file (workspaces, sources, rules, storage, prefix...); "
+        "it then decides storage, prefix and sources, and --host/--port still apply",
+    )
     serve.set_defaults(run=_serve, options=serve_options)
 
     events = commands.add_parser(
@@ -543,16 +552,22 @@ def _serve(args: argparse.Namespace) -> int:
     from fp_collect.collector import Collector
 
     keys: list[str] = args.write_keys or []
-    generated = not keys
-    if generated:
-        keys = [secrets.token_urlsafe(24)]
-    origins = tuple(args.allowed_origins or ("*",))
-    config = CollectorConfig.from_env(
-        args.environ,  # for what has no option here, such as FP_COLLECT_TRUSTED_PROXIES
-        sources=tuple(Source(write_key=key, allowed_origins=origins) for key in keys),
-        storage=args.storage,
-        prefix=args.prefix,
-    )
+    generated = False
+    if args.config:
+        config = CollectorConfig.from_file(args.config)  # a ConfigError is one line, exit 2
+        if not config.sources:
+            raise CLIError(f"{args.config} configures no source: add [[workspaces.sources]]")
+    else:
+        generated = not keys
+        if generated:
+            keys = [secrets.token_urlsafe(24)]
+        origins = tuple(args.allowed_origins or ("*",))
+        config = CollectorConfig.from_env(
+            args.environ,  # for what has no option here, such as FP_COLLECT_TRUSTED_PROXIES
+            sources=tuple(Source(write_key=key, allowed_origins=origins) for key in keys),
+            storage=args.storage,
+            prefix=args.prefix,
+        )
     collector = Collector(config)
     try:
         print(_banner(config, args.host, args.port, generated), flush=True)

@@ -6,7 +6,7 @@ import hashlib
 import ipaddress
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fp_collect.errors import ConfigError
 from fp_collect.rules import RuleSet
@@ -85,6 +85,29 @@ class Source:
 
 
 @dataclass(frozen=True, slots=True)
+class Workspace:
+    """A group of sources that share profiles: a visitor identified on the website is
+    the same person in the app. Its sources' ``workspace`` is set to its ``id``.
+
+    >>> workspace = Workspace("rosebud", sources=[Source(write_key="www-key", id="www")])
+    >>> workspace.sources[0].workspace
+    'rosebud'
+    """
+
+    id: str
+    name: str = ""
+    sources: tuple[Source, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ConfigError("Workspace.id must be a non-empty string")
+        sources = tuple(self.sources)
+        if not all(isinstance(s, Source) for s in sources):
+            raise ConfigError(f"workspace {self.id!r}: sources must be Source objects")
+        object.__setattr__(self, "sources", tuple(replace(s, workspace=self.id) for s in sources))
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Size and shape limits. Defaults are the HTTP Tracking API's documented ones."""
 
@@ -117,6 +140,7 @@ class CollectorConfig:
     """Everything the collector needs to know.
 
     :param sources: the sources whose write keys are accepted.
+    :param workspaces: more sources, grouped; see :class:`Workspace`.
     :param storage: a storage URL: ``sqlite:///path.db`` (default), ``memory://``.
     :param prefix: where the routes live inside the host app, e.g. ``"/collect"`` gives
         ``/collect/v1/track``. Empty mounts them at the root.
@@ -135,6 +159,7 @@ class CollectorConfig:
     """
 
     sources: tuple[Source, ...] = ()
+    workspaces: tuple[Workspace, ...] = ()
     storage: str = "sqlite:///fp_collect.db"
     prefix: str = ""
     limits: Limits = field(default_factory=Limits)
@@ -148,6 +173,11 @@ class CollectorConfig:
         sources = tuple(self.sources)
         if not all(isinstance(s, Source) for s in sources):
             raise ConfigError("sources must be Source objects")
+        workspaces = tuple(self.workspaces)
+        if not all(isinstance(w, Workspace) for w in workspaces):
+            raise ConfigError("workspaces must be Workspace objects")
+        object.__setattr__(self, "workspaces", workspaces)
+        sources += tuple(source for workspace in workspaces for source in workspace.sources)
         object.__setattr__(self, "sources", sources)
         seen_keys: set[str] = set()
         seen_ids: set[str] = set()
@@ -186,6 +216,13 @@ class CollectorConfig:
             except ValueError as exc:
                 raise ConfigError(f"trusted proxy {entry!r} is not an address or CIDR") from exc
         return tuple(networks)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **overrides: object) -> CollectorConfig:
+        """Load a TOML configuration file; see :mod:`fp_collect.config_file`."""
+        from fp_collect.config_file import load_config
+
+        return load_config(path, **overrides)
 
     @classmethod
     def from_env(

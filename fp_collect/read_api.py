@@ -1,7 +1,9 @@
-"""The read API: stored events by source, and profiles, for a secret read token.
+"""The read API: stored events by source, rejections, and profiles, for a read token.
 
 ``GET /events?source_id=...`` (the seeds: "query Events by supplying a SourceId") with
-filters and cursor pagination, and ``GET /profiles/{id}``. Unlike collection, reading
+filters and cursor pagination, ``GET /rejections`` (what was refused, and why: the
+Firstparty API answers 200 to everything, so this is where its problems show) and
+``GET /profiles/{id}``. Unlike collection, reading
 needs ``Authorization: Bearer <read token>``; write keys, which every page carries in
 the clear, never grant it. The API is off until a read token is configured.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
+from dataclasses import replace
 from http import HTTPStatus
 from urllib.parse import parse_qs
 
@@ -38,7 +41,10 @@ class ReadAPI:
         self._store = store
 
     def routes(self) -> dict[str, Route]:
-        return {"/events": Route("read/events", _GET, 0, reader=self.events)}
+        return {
+            "/events": Route("read/events", _GET, 0, reader=self.events),
+            "/rejections": Route("read/rejections", _GET, 0, reader=self.rejections),
+        }
 
     def profile_route(self) -> Route:
         return Route("read/profile", _GET, 0, reader=self.profile)
@@ -71,6 +77,37 @@ class ReadAPI:
         )
         return Response(HTTPStatus.OK, list(responses.JSON_HEADERS), body.encode())
 
+    def rejections(self, request: Request) -> Response:
+        if not self._authorised(request):
+            return _UNAUTHORIZED
+        params = {k: v[-1] for k, v in parse_qs(request.query, keep_blank_values=True).items()}
+        try:
+            query = _page_query(params, source_required=False, type_param="reason")
+        except ValueError as exc:
+            return _bad_request(str(exc))
+        rows = list(self._store().rejections(query))
+        more = query.limit is not None and len(rows) == query.limit
+        return responses.json_response(
+            HTTPStatus.OK,
+            {
+                "rejections": [
+                    {
+                        "id": row.id,
+                        "source_id": row.source_id,
+                        "reason": row.reason,
+                        "message": row.message,
+                        "received_at": row.received_at,
+                        "endpoint": row.endpoint,
+                        "index": row.index,
+                        "message_id": row.message_id,
+                        "payload": row.payload,
+                    }
+                    for row in rows
+                ],
+                "next_cursor": str(rows[-1].id) if more else None,
+            },
+        )
+
     def profile(self, request: Request) -> Response:
         if not self._authorised(request):
             return _UNAUTHORIZED
@@ -93,18 +130,25 @@ class ReadAPI:
 
 
 def _events_query(params: dict[str, str]) -> Query:
-    source_id = params.get("source_id")
-    if not source_id:
+    return replace(
+        _page_query(params, source_required=True, type_param="type"),
+        name=params.get("event") or None,
+        profile_id=params.get("profile_id") or None,
+        flagged=_flag(params.get("flagged"), "flagged"),
+    )
+
+
+def _page_query(params: dict[str, str], *, source_required: bool, type_param: str) -> Query:
+    """What events and rejections share: source, type (or reason), time window, page."""
+    source_id = params.get("source_id") or None
+    if source_required and source_id is None:
         raise ValueError("source_id is required")
     limit = _integer(params.get("limit"), "limit", DEFAULT_PAGE)
     if not 1 <= limit <= MAX_PAGE:
         raise ValueError(f"limit must be from 1 to {MAX_PAGE}")
     return Query(
         source_id=source_id,
-        type=params.get("type") or None,
-        name=params.get("event") or None,
-        profile_id=params.get("profile_id") or None,
-        flagged=_flag(params.get("flagged"), "flagged"),
+        type=params.get(type_param) or None,
         since=_instant(params.get("since"), "since"),
         until=_instant(params.get("until"), "until"),
         after_id=_integer(params.get("cursor"), "cursor", 0),

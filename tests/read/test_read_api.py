@@ -204,3 +204,20 @@ def test_flagged_events_are_listed_with_their_warnings(collector: Collector) -> 
     status, body = read(collector, "/events", "source_id=a")
     assert [e["warnings"] == [] for e in body["events"]] == [True, False]
     assert read(collector, "/events", "source_id=a&flagged=maybe")[0] == 400
+
+
+def test_rejections_are_readable_too(collector: Collector) -> None:
+    status, _ = call(collector, "POST", "/events/track", body={"write_key": "key-a"})
+    assert status == 200  # the Firstparty API shows nothing in the status...
+    call(collector, "POST", "/events/track", body={"event": "Page Viewed", "write_key": "nope"})
+    status, body = read(collector, "/rejections", "source_id=a")
+    assert status == 200 and body["next_cursor"] is None
+    (missing,) = body["rejections"]  # ...so the read API is where problems show
+    assert missing["reason"] == "missing_event" and json.loads(missing["payload"]) == {
+        "write_key": "key-a"
+    }
+    status, body = read(collector, "/rejections", "reason=invalid_write_key")
+    assert [r["source_id"] for r in body["rejections"]] == [None]
+    route = collector.route("/rejections")
+    assert route is not None
+    assert collector.handle(route, Request("GET", "/rejections")).status == 401
