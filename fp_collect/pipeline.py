@@ -91,6 +91,15 @@ class Pipeline:
     def parse(self, data: bytes | str) -> object:
         return parse_json(data, self.limits.max_depth)
 
+    def parse_object(self, data: bytes | str) -> Message:
+        """:meth:`parse`, refusing anything but a JSON object (400 ``invalid_body``)."""
+        value = self.parse(data)
+        if not isinstance(value, dict):
+            raise RequestRejected(
+                HTTPStatus.BAD_REQUEST, "invalid_body", "the body must be a JSON object"
+            )
+        return value
+
     # -- authenticate -----------------------------------------------------------------
 
     def request_credential(self, request: Request) -> str | None:
@@ -195,7 +204,7 @@ class Pipeline:
             RejectionRecord(
                 source_id=source.id if source else None,
                 reason=rejected.reason,
-                message=_with_details(rejected.message, rejected.details),
+                message=with_details(rejected.message, rejected.details),
                 received_at=incoming.received_iso,
                 endpoint=incoming.endpoint,
                 payload=as_text(payload),
@@ -232,5 +241,5 @@ def as_text(payload: bytes | str) -> str:
     return payload.decode("utf-8", "backslashreplace")
 
 
-def _with_details(message: str, details: str) -> str:
+def with_details(message: str, details: str) -> str:
     return f"{message}: {details}" if details else message

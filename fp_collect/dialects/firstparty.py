@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from http import HTTPStatus
-from typing import Any
 
 from fp_collect import responses
 from fp_collect.config import Source
@@ -64,7 +63,7 @@ class FirstpartyAPI:
         source: Source | None = None
         try:
             payload = self.pipeline.read_body(request, self.limits.max_call_bytes)
-            message = _object(self.pipeline.parse(payload))
+            message = self.pipeline.parse_object(payload)
             source = self._source(request, message.get("write_key"))
             event = self._event(message, source, incoming)
         except RequestRejected as rejected:
@@ -235,11 +234,3 @@ def _result(outcome: Outcome) -> dict[str, object]:
 
 def _error(code: str, message: str) -> dict[str, object]:
     return {"success": False, "code": code, "message": message}
-
-
-def _object(value: Any) -> Message:
-    if not isinstance(value, dict):
-        raise RequestRejected(
-            HTTPStatus.BAD_REQUEST, "invalid_body", "the body must be a JSON object"
-        )
-    return value

@@ -24,7 +24,7 @@ from fp_collect.decoding import encode_event, too_large
 from fp_collect.dialects import Route
 from fp_collect.errors import ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
-from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared
+from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, with_details
 from fp_collect.store.base import (
     Batch,
     EventRecord,
@@ -99,7 +99,7 @@ class SegmentAPI:
             source: Source | None = None
             try:
                 payload = self.pipeline.read_body(request, self.limits.max_call_bytes)
-                message = self._object(self.pipeline.parse(payload))
+                message = self.pipeline.parse_object(payload)
                 source = self._source(request, message)
                 self.pipeline.check_origin(source, incoming)
                 event = self._event(message, message_type, source, incoming)
@@ -116,7 +116,7 @@ class SegmentAPI:
         payload: bytes | str = request.body
         try:
             payload = self.pipeline.read_body(request, self.limits.max_batch_bytes)
-            body = self._object(self.pipeline.parse(payload))
+            body = self.pipeline.parse_object(payload)
         except RequestRejected as rejected:
             return self._refused(rejected, incoming, payload, None, batch_shape=True)
         return self._batch(body, payload, incoming, self.pipeline.request_credential(request))
@@ -133,7 +133,7 @@ class SegmentAPI:
         source: Source | None = None
         try:
             payload = self.pipeline.read_body(request, self.limits.max_batch_bytes)
-            body = self._object(self.pipeline.parse(payload))
+            body = self.pipeline.parse_object(payload)
             if "batch" in body:
                 return self._batch(body, payload, incoming, query_key)
             if len(payload) > self.limits.max_call_bytes:
@@ -159,7 +159,7 @@ class SegmentAPI:
                 payload = _b64decode(data)
                 if len(payload) > self.limits.max_call_bytes:
                     raise too_large(self.limits.max_call_bytes)
-                message = self._object(self.pipeline.parse(payload))
+                message = self.pipeline.parse_object(payload)
                 source = self.pipeline.authenticate(
                     _query_value(request.query, "writeKey") or message.get("writeKey")
                 )
@@ -170,8 +170,8 @@ class SegmentAPI:
                 batch = Batch(
                     rejections=self.pipeline.request_rejection(refused, incoming, payload, source)
                 )
-                return Prepared(batch, _always(responses.pixel()), _UNAVAILABLE_PIXEL)
-            return Prepared(Batch(events=[event]), _always(responses.pixel()), _UNAVAILABLE_PIXEL)
+                return Prepared(batch, _PIXEL, _UNAVAILABLE_PIXEL)
+            return Prepared(Batch(events=[event]), _PIXEL, _UNAVAILABLE_PIXEL)
 
         return handle
 
@@ -288,14 +288,6 @@ class SegmentAPI:
             rejections=self.pipeline.request_rejection(rejected, incoming, payload, source)
         )
         return Prepared(batch, _always(error_response(rejected, batch_shape)), _UNAVAILABLE)
-
-    @staticmethod
-    def _object(value: object) -> Message:
-        if not isinstance(value, dict):
-            raise RequestRejected(
-                HTTPStatus.BAD_REQUEST, "invalid_body", "the body must be a JSON object"
-            )
-        return value
 
 
 class BatchDefaults:
@@ -437,7 +429,7 @@ def error_response(rejected: RequestRejected, batch_shape: bool = False) -> Resp
                 "Success": False,
                 "Errors": [error],
                 "code": rejected.reason,
-                "message": _join(rejected.message, rejected.details),
+                "message": with_details(rejected.message, rejected.details),
             },
             extra,
         )
@@ -457,7 +449,7 @@ def _item_error(index: int, message_id: str | None, rejected: ItemRejected) -> d
 
 
 def _accepted(batch: Batch) -> Prepared:
-    return Prepared(batch, _always(responses.success()), _UNAVAILABLE)
+    return Prepared(batch, _SUCCESS, _UNAVAILABLE)
 
 
 def _always(response: Response) -> Any:
@@ -487,5 +479,6 @@ def _b64decode(data: str) -> bytes:
         ) from exc
 
 
-def _join(message: str, details: str) -> str:
-    return f"{message}: {details}" if details else message
+# The answers that do not depend on the request, built once.
+_SUCCESS = _always(responses.success())
+_PIXEL = _always(responses.pixel())
