@@ -34,7 +34,12 @@ __all__ = [
 
 
 def open_store(url: str) -> Store:
-    """Open the backend a storage URL names: ``sqlite:///path.db`` or ``memory://``."""
+    """Open the backend a storage URL names.
+
+    ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (the default, one machine),
+    ``memory://`` (tests), ``postgresql://...`` (needs ``fp-collect[postgres]``) and
+    ``redis://...`` (needs ``fp-collect[redis]``).
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ConfigError(f"storage URL {url!r} has no scheme (try 'sqlite:///events.db')")
@@ -50,3 +55,14 @@ def open_store(url: str) -> Store:
             raise ConfigError(f"storage URL {url!r} names no file (try 'sqlite:///events.db')")
         return SQLiteStore(path)
     raise ConfigError(f"unknown storage scheme {scheme!r} in {url!r}; use sqlite:// or memory://")
+
+
+def _require_extra(module: str, extra: str, url: str) -> None:
+    """Fail with the install command when a backend's driver is missing."""
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise ConfigError(
+            f"storage URL {url.partition('://')[0]}:// needs the {module!r} package: "
+            f"pip install 'fp-collect[{extra}]'"
+        ) from exc

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from fp_collect.store import (
     DUPLICATE,
     STORED,
@@ -17,15 +12,7 @@ from fp_collect.store import (
     Query,
     RejectionRecord,
     Store,
-    open_store,
 )
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 't.db'}"
-    with open_store(url) as opened:
-        yield opened
 
 
 def event(

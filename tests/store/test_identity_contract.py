@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from fp_collect.store import Batch, EventRecord, Outcome, Store, open_store
+from fp_collect.store import Batch, EventRecord, Outcome, Store
 from fp_collect.store.base import Identity, IdentityOp, SessionOp
 
 USER = Identity("user_id", "u-1")
 ANON = Identity("anonymous_id", "a-1")
 EMAIL = Identity("email", "ann@example.com")
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'p.db'}"
-    with open_store(url) as opened:
-        yield opened
 
 
 _counter = iter(range(10**9))
