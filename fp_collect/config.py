@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from fp_collect.errors import ConfigError
+from fp_collect.restrictions import Restrictions
 from fp_collect.rules import RuleSet
 
 KIB = 1024
@@ -34,6 +35,8 @@ class Source:
         or the declarative rules of :mod:`fp_collect.rules`); see :class:`RuleSet`.
     :param strict_event_names: refuse (and record) track events whose names break the
         naming guidelines, instead of storing them with warnings.
+    :param restrictions: what is discarded though valid: bots, repeated confirmations,
+        email opens within the throttle window; see :class:`Restrictions`.
     """
 
     write_key: str
@@ -45,6 +48,7 @@ class Source:
     session_timeout: float | None = 30 * 60.0
     rules: RuleSet = field(default_factory=RuleSet)
     strict_event_names: bool = False
+    restrictions: Restrictions = field(default_factory=Restrictions)
 
     def __post_init__(self) -> None:
         if not isinstance(self.write_key, str) or not self.write_key:
@@ -67,6 +71,8 @@ class Source:
             object.__setattr__(self, "rules", RuleSet(self.rules))
         if not isinstance(self.strict_event_names, bool):
             raise ConfigError("Source.strict_event_names must be True or False")
+        if not isinstance(self.restrictions, Restrictions):
+            raise ConfigError("Source.restrictions must be a Restrictions object")
         if not isinstance(self.workspace, str) or not self.workspace:
             raise ConfigError("Source.workspace must be a non-empty string")
         if self.session_timeout is not None and not self.session_timeout > 0:

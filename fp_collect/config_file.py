@@ -21,6 +21,7 @@ Every key mirrors a keyword of :class:`~fp_collect.config.CollectorConfig`, and 
     allowed_origins = ["https://www.rosebudmotels.com"]
     session_timeout = 1800          # seconds, or false for no sessions
     strict_event_names = false
+    restrictions = { bots = "flag", email_open_window = 600, confirmation_dedup = true }
     rules = [
       { type = "rename_event", from = "signup", to = "Signed Up" },
       { type = "drop_property", name = "password" },
@@ -41,6 +42,7 @@ from typing import Any
 
 from fp_collect.config import CollectorConfig, Limits, Source, Workspace
 from fp_collect.errors import ConfigError
+from fp_collect.restrictions import Restrictions
 from fp_collect.rules import CopyContextField, DropProperty, HashProperty, RenameEvent, Rule
 
 if sys.version_info >= (3, 11):
@@ -57,7 +59,7 @@ _RULES: dict[str, tuple[Callable[..., Rule], dict[str, str]]] = {
 }
 _SOURCE_KEYS = frozenset(
     {"write_key", "id", "name", "enabled", "allowed_origins", "session_timeout",
-     "strict_event_names", "rules"}
+     "strict_event_names", "rules", "restrictions"}
 )  # fmt: skip
 _TOP_KEYS = frozenset(
     {"storage", "prefix", "trusted_proxies", "read_tokens", "max_future_seconds",
@@ -129,7 +131,29 @@ def _source(table: object, where: str) -> Source:
             _rule(rule, f"{where}.rules[{i}]")
             for i, rule in enumerate(_list(data["rules"], f"{where}.rules"))
         ]
+    if "restrictions" in data:
+        data["restrictions"] = _restrictions(data["restrictions"], f"{where}.restrictions")
     return Source(**data)
+
+
+_RESTRICTION_KEYS = frozenset(
+    {"bots", "confirmation_dedup", "email_open_window", "confirmation_events",
+     "email_open_events"}
+)  # fmt: skip
+
+
+def _restrictions(table: object, where: str) -> Restrictions:
+    data = dict(_table(table, where))
+    _known(data, _RESTRICTION_KEYS, where)
+    if data.get("email_open_window") is False:
+        data["email_open_window"] = None
+    for key in ("confirmation_events", "email_open_events"):
+        if key in data:
+            data[key] = tuple(_list(data[key], f"{where}.{key}"))
+    try:
+        return Restrictions(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def _rule(table: object, where: str) -> Rule:

@@ -43,5 +43,16 @@ class ItemRejected(Exception):
         return RequestRejected(HTTPStatus.BAD_REQUEST, self.reason, self.message)
 
 
+class Discarded(Exception):
+    """A valid event that a restriction removes (a crawler's, a repeated confirmation):
+    answered like an accepted one, so the client does not retry it, and recorded with
+    ``reason``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
 class StoreUnavailable(Exception):
     """The store could not commit in time; the request is answered 503, never 2xx."""

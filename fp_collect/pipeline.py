@@ -23,9 +23,10 @@ from fp_collect.decoding import (
     parse_json,
     too_large,
 )
-from fp_collect.errors import ItemRejected, RequestRejected
+from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.event_names import EventNamePolicy
 from fp_collect.http import Request, Response
+from fp_collect.restrictions import BOT, crawler_pattern, is_browser_traffic
 from fp_collect.store.base import Batch, Outcome, RejectionRecord
 from fp_collect.timestamps import MAX_EPOCH, MIN_EPOCH, format_iso, parse_iso
 
@@ -42,6 +43,8 @@ class Incoming:
     ip: str | None
     user_agent: str | None
     origin: str | None
+    # Sent by a browser (or a crawler posing as one): the bot restriction's scope.
+    browser: bool
 
 
 @dataclass(slots=True)
@@ -70,13 +73,17 @@ class Pipeline:
 
     def incoming(self, request: Request) -> Incoming:
         received = self.clock()
+        headers = request.headers
+        user_agent = headers.get("user-agent")
+        origin = headers.get("origin")
         return Incoming(
             received=received,
             received_iso=format_iso(received),
             endpoint=request.path,
-            ip=self._client_address.resolve(request.client, request.headers),
-            user_agent=request.headers.get("user-agent"),
-            origin=request.headers.get("origin"),
+            ip=self._client_address.resolve(request.client, headers),
+            user_agent=user_agent,
+            origin=origin,
+            browser=is_browser_traffic(origin, headers.get("referer"), user_agent),
         )
 
     # -- decode ---------------------------------------------------------------------
@@ -123,23 +130,24 @@ class Pipeline:
 
     # -- enrich -------------------------------------------------------------------------
 
-    def enrich(self, message: Message, incoming: Incoming, batch_sent_at: object = None) -> None:
+    def enrich(self, message: Message, incoming: Incoming, batch_sent_at: object = None) -> float:
         """Add what the server knows: ``receivedAt``, a skew-corrected ``timestamp``
         (the client's value kept in ``originalTimestamp``), ``context.ip`` and
         ``context.userAgent`` when the client did not send them.
 
         Expects a validated message: ``timestamp``/``sentAt`` are ISO strings or absent.
+        Returns the event's corrected time in epoch seconds.
         """
         message["receivedAt"] = incoming.received_iso
         timestamp = message.get("timestamp")
         event_time = parse_iso(timestamp) if isinstance(timestamp, str) else None
         if event_time is None:
             message["timestamp"] = incoming.received_iso
+            event_time = incoming.received
         else:
             message["originalTimestamp"] = timestamp
-            message["timestamp"] = format_iso(
-                self._corrected(event_time, message.get("sentAt", batch_sent_at), incoming)
-            )
+            event_time = self._corrected(event_time, message.get("sentAt", batch_sent_at), incoming)
+            message["timestamp"] = format_iso(event_time)
         context = message.get("context")
         if not isinstance(context, dict):
             context = message["context"] = {}
@@ -147,6 +155,7 @@ class Pipeline:
             context["ip"] = incoming.ip
         if incoming.user_agent is not None and not context.get("userAgent"):
             context["userAgent"] = incoming.user_agent
+        return event_time
 
     def _corrected(self, event_time: float, sent_at: object, incoming: Incoming) -> float:
         """Shift the event by the client's clock error, measured as sentAt - receivedAt."""
@@ -188,6 +197,21 @@ class Pipeline:
             warnings.extend(f"event name: {warning}" for warning in verdict.warnings)
         return message, tuple(warnings)
 
+    def check_bot(self, source: Source, incoming: Incoming) -> tuple[str, ...]:
+        """Discard (or flag, as the source says) browser traffic from a crawler.
+
+        Returns the warnings to store the event with; raises :class:`Discarded`.
+        """
+        policy = source.restrictions.bots
+        if policy == "allow" or not incoming.browser or not incoming.user_agent:
+            return ()
+        pattern = crawler_pattern(incoming.user_agent)
+        if pattern is None:
+            return ()
+        if policy == "drop":
+            raise Discarded(BOT, f"browser traffic from a crawler (user agent matches {pattern!r})")
+        return (f"bot: user agent matches crawler pattern {pattern!r}",)
+
     # -- record -----------------------------------------------------------------------
 
     def request_rejection(
@@ -213,14 +237,15 @@ class Pipeline:
 
     def item_rejection(
         self,
-        rejected: RequestRejected | ItemRejected,
+        rejected: RequestRejected | ItemRejected | Discarded,
         incoming: Incoming,
         item: object,
-        index: int,
+        index: int | None,
         source: Source | None,
         message_id: object,
     ) -> RejectionRecord:
-        """The record of one refused item of a batch, kept with its raw JSON."""
+        """The record of one refused or discarded event (``index``: its place in a
+        batch), kept with its JSON."""
         return RejectionRecord(
             source_id=source.id if source else None,
             reason=rejected.reason,

@@ -16,9 +16,10 @@ from fp_collect import responses
 from fp_collect.config import Source
 from fp_collect.decoding import encode_event
 from fp_collect.dialects import Route
-from fp_collect.errors import ItemRejected, RequestRejected
+from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
 from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared
+from fp_collect.restrictions import DUPLICATE_ORDER, EMAIL_OPEN_THROTTLED, user_key
 from fp_collect.store.base import (
     Batch,
     EventRecord,
@@ -70,6 +71,12 @@ class FirstpartyAPI:
             return self._refused(rejected, incoming, payload, source)
         except ItemRejected as rejected:
             return self._refused(rejected.as_request(), incoming, payload, source)
+        except Discarded as discarded:
+            record = self.pipeline.item_rejection(
+                discarded, incoming, message, None, source, message.get("message_id")
+            )
+            answer = responses.json_response(HTTPStatus.OK, _discarded(discarded.reason))
+            return Prepared(Batch(rejections=[record]), lambda _outcomes: answer, _UNAVAILABLE)
 
         def respond(outcomes: Sequence[Outcome]) -> Response:
             return responses.json_response(HTTPStatus.OK, _result(outcomes[0]))
@@ -108,9 +115,12 @@ class FirstpartyAPI:
                 source = self._source(request, item.get("write_key") or shared_key)
                 batch.events.append(self._event(item, source, incoming))
                 slots.append(len(batch.events) - 1)
-            except (RequestRejected, ItemRejected) as rejected:
+            except (RequestRejected, ItemRejected, Discarded) as rejected:
                 raw_id = item.get("message_id") if isinstance(item, dict) else None
-                slots.append(_error(rejected.reason, rejected.message))
+                if isinstance(rejected, Discarded):
+                    slots.append(_discarded(rejected.reason))
+                else:
+                    slots.append(_error(rejected.reason, rejected.message))
                 batch.rejections.append(
                     self.pipeline.item_rejection(rejected, incoming, item, index, source, raw_id)
                 )
@@ -135,7 +145,8 @@ class FirstpartyAPI:
         self.pipeline.check_origin(source, incoming)
         name = normalise_event(message)
         message.pop("write_key", None)
-        self.pipeline.enrich(message, incoming)
+        bot_warnings = self.pipeline.check_bot(source, incoming)
+        at = self.pipeline.enrich(message, incoming)
         message, warnings = self.pipeline.apply_rules(message, source)
         name = message["event"]  # rules may rename it, never remove it
         profile_id = message.get("profile_id")
@@ -154,6 +165,13 @@ class FirstpartyAPI:
             identities=tuple(identities),
             profile_id=profile_id,
         )
+        properties = message.get("properties")
+        claims, claim_warnings = source.restrictions.claims(
+            name,
+            properties if isinstance(properties, dict) else None,
+            user_key(identity.identities, profile_id),
+            at,
+        )
         session = None
         if source.session_timeout is not None:
             session = SessionOp(
@@ -171,9 +189,10 @@ class FirstpartyAPI:
             timestamp=message["timestamp"],
             received_at=incoming.received_iso,
             payload=encode_event(message),
+            claims=claims,
             identity=identity,
             session=session,
-            warnings=warnings,
+            warnings=bot_warnings + warnings + claim_warnings,
         )
 
     def _refused(
@@ -229,7 +248,17 @@ def _result(outcome: Outcome) -> dict[str, object]:
     if outcome.reason == "duplicate_message_id":
         # A retry of an event already stored: the client must not send it again.
         return {"success": True, "duplicate": True}
+    if outcome.reason in _RESTRICTIONS:
+        return _discarded(outcome.reason)
     return _error(outcome.reason or "rejected", f"not stored: {outcome.reason}")
+
+
+# Claims that discard an event: answered as a success, so the client does not retry.
+_RESTRICTIONS = frozenset({DUPLICATE_ORDER, EMAIL_OPEN_THROTTLED})
+
+
+def _discarded(reason: str) -> dict[str, object]:
+    return {"success": True, "discarded": reason}
 
 
 def _error(code: str, message: str) -> dict[str, object]:

@@ -22,11 +22,13 @@ from fp_collect.auth import invalid_write_key
 from fp_collect.config import Source
 from fp_collect.decoding import encode_event, too_large
 from fp_collect.dialects import Route
-from fp_collect.errors import ItemRejected, RequestRejected
+from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
 from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, with_details
+from fp_collect.restrictions import user_key
 from fp_collect.store.base import (
     Batch,
+    Claim,
     EventRecord,
     Identity,
     IdentityOp,
@@ -107,6 +109,8 @@ class SegmentAPI:
                 return self._refused(rejected, incoming, payload, source)
             except ItemRejected as rejected:
                 return self._refused(rejected.as_request(), incoming, payload, source)
+            except Discarded as discarded:
+                return self._discarded(discarded, incoming, message, source)
             return _accepted(Batch(events=[event]))
 
         return handle
@@ -145,6 +149,8 @@ class SegmentAPI:
             return self._refused(rejected, incoming, payload, source)
         except ItemRejected as rejected:
             return self._refused(rejected.as_request(), incoming, payload, source)
+        except Discarded as discarded:
+            return self._discarded(discarded, incoming, body, source)
         return _accepted(Batch(events=[event]))
 
     def pixel_handler(self, message_type: str) -> Any:
@@ -171,6 +177,11 @@ class SegmentAPI:
                     rejections=self.pipeline.request_rejection(refused, incoming, payload, source)
                 )
                 return Prepared(batch, _PIXEL, _UNAVAILABLE_PIXEL)
+            except Discarded as discarded:
+                record = self.pipeline.item_rejection(
+                    discarded, incoming, message, None, source, message.get("messageId")
+                )
+                return Prepared(Batch(rejections=[record]), _PIXEL, _UNAVAILABLE_PIXEL)
             return Prepared(Batch(events=[event]), _PIXEL, _UNAVAILABLE_PIXEL)
 
         return handle
@@ -228,6 +239,13 @@ class SegmentAPI:
                 )
                 errors.append(_item_error(index, record.message_id, rejected))
                 batch.rejections.append(record)
+            except Discarded as discarded:
+                # Answered like the stored ones: the client must not send it again.
+                batch.rejections.append(
+                    self.pipeline.item_rejection(
+                        discarded, incoming, item, index, source, item.get("messageId")
+                    )
+                )
         if not errors:
             return _accepted(batch)
         status = HTTPStatus.MULTI_STATUS if batch.events else HTTPStatus.BAD_REQUEST
@@ -257,10 +275,21 @@ class SegmentAPI:
         message_type = normalise_message(message, forced_type, self.limits.max_message_id_length)
         # The key did its job in authentication; it is not part of the event.
         message.pop("writeKey", None)
-        self.pipeline.enrich(message, incoming, batch_sent_at)
+        bot_warnings = self.pipeline.check_bot(source, incoming)
+        at = self.pipeline.enrich(message, incoming, batch_sent_at)
         message, warnings = self.pipeline.apply_rules(message, source)
         name = message.get("event") if message_type == "track" else message.get("name")
         identity = identity_op(message, message_type, source, incoming.received)
+        claims: tuple[Claim, ...] = ()
+        if message_type == "track":
+            properties = message.get("properties")
+            claims, claim_warnings = source.restrictions.claims(
+                name,
+                properties if isinstance(properties, dict) else None,
+                user_key(identity.identities),
+                at,
+            )
+            warnings += claim_warnings
         return EventRecord(
             source_id=source.id,
             message_id=message["messageId"],
@@ -271,9 +300,19 @@ class SegmentAPI:
             timestamp=message["timestamp"],
             received_at=incoming.received_iso,
             payload=encode_event(message),
+            claims=claims,
             identity=identity,
-            warnings=warnings,
+            warnings=bot_warnings + warnings,
         )
+
+    def _discarded(
+        self, discarded: Discarded, incoming: Incoming, message: Message, source: Source | None
+    ) -> Prepared:
+        """A single call a restriction removed: recorded, and answered as a success."""
+        record = self.pipeline.item_rejection(
+            discarded, incoming, message, None, source, message.get("messageId")
+        )
+        return _accepted(Batch(rejections=[record]))
 
     def _refused(
         self,

@@ -211,7 +211,12 @@ def test_serve_takes_key_prefix_and_origin_from_the_environment(
 
     page = {"writeKey": "env-key", "anonymousId": "a1", "name": "Home"}
     endpoint = f"http://127.0.0.1:{free_port}/collect/v1/p"
-    headers = {"Content-Type": "text/plain", "Origin": "https://blog.example"}
+    # A page's beacon: a browser's user agent (Python-urllib would be taken for a bot).
+    headers = {
+        "Content-Type": "text/plain",
+        "Origin": "https://blog.example",
+        "User-Agent": "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0",
+    }
     status, _ = post_until_up(endpoint, json.dumps(page).encode(), headers)
     assert status == 200
     headers["Origin"] = "https://evil.example"
