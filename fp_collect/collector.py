@@ -19,7 +19,7 @@ from typing import Any
 
 from fp_collect import responses
 from fp_collect.config import CollectorConfig
-from fp_collect.dialects import Reader, Route, firstparty, segment
+from fp_collect.dialects import Reader, Route, firstparty, segment, userevent
 from fp_collect.errors import StoreUnavailable
 from fp_collect.http import HeaderList, Request, Response
 from fp_collect.pipeline import Pipeline, Prepared
@@ -62,7 +62,11 @@ class Collector:
         self.config = config
         self.pipeline = Pipeline(config, clock)
         self.store = store if store is not None else open_store(config.storage)
-        dialects = {**segment.routes(self.pipeline), **firstparty.routes(self.pipeline)}
+        dialects = {
+            **segment.routes(self.pipeline),
+            **firstparty.routes(self.pipeline),
+            **userevent.routes(self.pipeline),
+        }
         self._profile_route: Route | None = None
         if config.read_tokens:
             reads = ReadAPI(config.read_tokens, lambda: self.store)

@@ -33,6 +33,9 @@ DUPLICATE_ORDER = "duplicate_order_id"
 EMAIL_OPEN_THROTTLED = "email_open_throttled"
 
 BOT_POLICIES = ("drop", "flag", "allow")
+# The restricted kinds of event, whatever a dialect calls them.
+CONFIRMATION = "confirmation"
+EMAIL_OPEN = "email_open"
 # Property names that carry the ids, in the Segment spec's spelling and camelCase.
 _ORDER_ID = ("order_id", "orderId")
 _EMAIL_ID = ("email_id", "emailId")
@@ -78,6 +81,16 @@ class Restrictions:
                 raise ConfigError(f"Restrictions.{name} must be event names")
             object.__setattr__(self, name, value)
 
+    def kind_of(self, name: str | None) -> str | None:
+        """``"confirmation"``, ``"email_open"`` or None for a track event's name."""
+        if name is None:
+            return None
+        if name in self.confirmation_events:
+            return CONFIRMATION
+        if name in self.email_open_events:
+            return EMAIL_OPEN
+        return None
+
     def claims(
         self,
         name: str | None,
@@ -85,20 +98,28 @@ class Restrictions:
         user_key: str | None,
         at: float,
     ) -> tuple[tuple[Claim, ...], tuple[str, ...]]:
-        """The claims a track event named ``name`` must win, and any warnings.
+        """The claims a track event named ``name`` must win, and any warnings."""
+        return self.claims_for(self.kind_of(name), properties, user_key, at)
 
-        ``user_key`` names the person (``user_id:u-1``, ``email:ann@example.com``...);
-        ``at`` is the event's time in epoch seconds.
+    def claims_for(
+        self,
+        kind: str | None,
+        properties: Mapping[str, object] | None,
+        user_key: str | None,
+        at: float,
+    ) -> tuple[tuple[Claim, ...], tuple[str, ...]]:
+        """The claims an event of ``kind`` must win, and any warnings.
+
+        ``user_key`` names the person (see :func:`user_key`); ``at`` is the event's
+        time in epoch seconds.
         """
-        if name is None:
-            return (), ()
         props = properties if properties is not None else {}
-        if self.confirmation_dedup and name in self.confirmation_events:
+        if kind == CONFIRMATION and self.confirmation_dedup:
             order_id = _first_id(props, _ORDER_ID)
             if order_id is None:
                 return (), ("confirmation without an order id: not deduplicated",)
             return (Claim(DUPLICATE_ORDER, _bounded(order_id), at),), ()
-        if self.email_open_window is not None and name in self.email_open_events:
+        if kind == EMAIL_OPEN and self.email_open_window is not None:
             if user_key is None:
                 return (), ("email open without a user: not throttled",)
             parts = [user_key]

@@ -67,10 +67,15 @@ def resolve_profile(graph: IdentityGraph, op: IdentityOp) -> str | None:
             graph.create_profile(op.profile_id, op.scope, op.at)
             profile = op.profile_id
         owners = _owners(graph, op)
-        if op.merge:
-            for other in owners:
-                if other != profile:
-                    graph.merge(profile, other)
+        if op.merge and any(other != profile for other in owners):
+            # As without an explicit profile: the oldest survives (a login that finds
+            # the email on a known profile moves onto it, as the seed describes).
+            joined = [profile, *(other for other in owners if other != profile)]
+            survivor = min(joined, key=lambda p: (graph.created_at(p), p))
+            for other in joined:
+                if other != survivor:
+                    graph.merge(survivor, other)
+            profile = survivor
     else:
         owners = _owners(graph, op)
         if not owners:
