@@ -162,7 +162,8 @@ class UserEventAPI:
                 "invalid_event", f"messageId must be a string of 1 to {MAX_ID_LENGTH} characters"
             )
         timestamp = body.get("timestamp")
-        if timestamp is not None and not (isinstance(timestamp, str) and parse_iso(timestamp)):
+        event_time = parse_iso(timestamp) if isinstance(timestamp, str) else None
+        if timestamp is not None and event_time is None:
             raise ItemRejected("invalid_event", "timestamp must be an ISO-8601 date string")
         context = body.get("context")
         if context is not None and not isinstance(context, dict):
