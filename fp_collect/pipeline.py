@@ -33,9 +33,10 @@ from fp_collect.timestamps import MAX_EPOCH, MIN_EPOCH, format_iso, parse_iso
 Message = dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Incoming:
-    """Facts about one request that every event in it shares."""
+    """Facts about one request that every event in it shares (not frozen only because a
+    frozen dataclass costs a microsecond more per request)."""
 
     received: float
     received_iso: str

@@ -81,9 +81,9 @@ class Restrictions:
                 raise ConfigError(f"Restrictions.{name} must be event names")
             object.__setattr__(self, name, value)
 
-    def kind_of(self, name: str | None) -> str | None:
+    def kind_of(self, name: object) -> str | None:
         """``"confirmation"``, ``"email_open"`` or None for a track event's name."""
-        if name is None:
+        if not isinstance(name, str):
             return None
         if name in self.confirmation_events:
             return CONFIRMATION
@@ -132,7 +132,8 @@ class Restrictions:
 
 # Which identifier names a person for the throttle, strongest first: an explicit user id
 # outlives devices, an anonymous id is one browser.
-_USER_KEY_ORDER = {"user_id": 0, "email": 1, "profile": 2, "anonymous_id": 3}
+_USER_KEY_RANK = {"user_id": 0, "email": 1, "anonymous_id": 3}
+_PROFILE_RANK = 2
 
 
 def user_key(identities: tuple[Identity, ...], profile_id: str | None = None) -> str | None:
@@ -141,14 +142,15 @@ def user_key(identities: tuple[Identity, ...], profile_id: str | None = None) ->
     Keys are built from what the event carries, so one person sending under two
     identifiers (a userId here, an email there) is throttled per identifier.
     """
-    candidates = [(identity.kind, identity.value) for identity in identities]
+    best: str | None = None
+    best_rank = 99
     if profile_id is not None:
-        candidates.append(("profile", profile_id))
-    known = [c for c in candidates if c[0] in _USER_KEY_ORDER]
-    if not known:
-        return None
-    kind, value = min(known, key=lambda c: _USER_KEY_ORDER[c[0]])
-    return f"{kind}:{value}"
+        best, best_rank = "profile:" + profile_id, _PROFILE_RANK
+    for identity in identities:
+        rank = _USER_KEY_RANK.get(identity.kind, 99)
+        if rank < best_rank:
+            best, best_rank = f"{identity.kind}:{identity.value}", rank
+    return best
 
 
 def _first_id(properties: Mapping[str, object], names: tuple[str, ...]) -> str | None:

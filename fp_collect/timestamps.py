@@ -8,7 +8,7 @@ timestamp we produce as ``YYYY-MM-DDTHH:MM:SS.mmmZ``, which sorts as text.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
 
 _UTC = timezone.utc
@@ -74,5 +74,17 @@ def format_iso(epoch_seconds: float) -> str:
     # Whole milliseconds first: a float such as ...59.999 may be ...59.998999 inside.
     millis = round(epoch_seconds * 1000)
     seconds, milli = divmod(millis, 1000)
-    moment = datetime.fromtimestamp(seconds, _UTC).replace(microsecond=milli * 1000)
-    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
+    day, second_of_day = divmod(seconds, 86400)
+    hour, rest = divmod(second_of_day, 3600)
+    minute, second = divmod(rest, 60)
+    # Runs for every event: the date part comes from a cache, the rest is arithmetic.
+    return f"{_date(day)}T{hour:02d}:{minute:02d}:{second:02d}.{milli:03d}Z"
+
+
+@lru_cache(maxsize=1024)
+def _date(day: int) -> str:
+    """``YYYY-MM-DD`` of the UTC day ``day`` days after the epoch."""
+    return (_EPOCH_DATE + timedelta(days=day)).isoformat()
+
+
+_EPOCH_DATE = date(1970, 1, 1)

@@ -22,6 +22,7 @@ from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared
 from fp_collect.restrictions import DUPLICATE_ORDER, EMAIL_OPEN_THROTTLED, user_key
 from fp_collect.store.base import (
     Batch,
+    Claim,
     EventRecord,
     Identity,
     IdentityOp,
@@ -165,13 +166,17 @@ class FirstpartyAPI:
             identities=tuple(identities),
             profile_id=profile_id,
         )
-        properties = message.get("properties")
-        claims, claim_warnings = source.restrictions.claims(
-            name,
-            properties if isinstance(properties, dict) else None,
-            user_key(identity.identities, profile_id),
-            at,
-        )
+        claims: tuple[Claim, ...] = ()
+        claim_warnings: tuple[str, ...] = ()
+        restricted = source.restrictions.kind_of(name)
+        if restricted is not None:
+            properties = message.get("properties")
+            claims, claim_warnings = source.restrictions.claims_for(
+                restricted,
+                properties if isinstance(properties, dict) else None,
+                user_key(identity.identities, profile_id),
+                at,
+            )
         session = None
         if source.session_timeout is not None:
             session = SessionOp(

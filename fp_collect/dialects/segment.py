@@ -281,10 +281,11 @@ class SegmentAPI:
         name = message.get("event") if message_type == "track" else message.get("name")
         identity = identity_op(message, message_type, source, incoming.received)
         claims: tuple[Claim, ...] = ()
-        if message_type == "track":
+        restricted = source.restrictions.kind_of(name) if message_type == "track" else None
+        if restricted is not None:
             properties = message.get("properties")
-            claims, claim_warnings = source.restrictions.claims(
-                name,
+            claims, claim_warnings = source.restrictions.claims_for(
+                restricted,
                 properties if isinstance(properties, dict) else None,
                 user_key(identity.identities),
                 at,

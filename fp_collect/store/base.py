@@ -37,7 +37,9 @@ class Identity:
     value: str
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per event on the hot path, and a frozen dataclass's __init__
+# costs three times as much. Treat it as immutable all the same.
+@dataclass(slots=True)
 class IdentityOp:
     """Which profile an event belongs to, resolved by the store in the event's transaction.
 
@@ -67,7 +69,7 @@ class IdentityOp:
     traits: dict[str, object] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionOp:
     """Which session an event joins: ``session_id`` if given (created when unknown), else
     the profile's latest session when it was active within ``timeout`` seconds of ``at``,
