@@ -229,6 +229,10 @@ class UserEventAPI:
         )
         status = rejected.status
         extra = [("retry-after", "5")] if status == HTTPStatus.SERVICE_UNAVAILABLE else None
+        if rejected.reason == "invalid_write_key":
+            # A server API: a missing or wrong key is an authentication failure, 401.
+            status = HTTPStatus.UNAUTHORIZED
+            extra = [("www-authenticate", 'Basic realm="fp-collect"')]
         body = error_body(rejected.reason, with_details(rejected.message, rejected.details))
         answer = responses.json_response(status, body, extra)
         return Prepared(batch, lambda _outcomes: answer, _UNAVAILABLE)
