@@ -154,12 +154,15 @@ def user_key(identities: tuple[Identity, ...], profile_id: str | None = None) ->
 
 
 def _first_id(properties: Mapping[str, object], names: tuple[str, ...]) -> str | None:
-    """The first of ``names`` holding a usable id; numbers count (order 1042)."""
+    """The first of ``names`` holding a usable id. Numbers count, and are one id however
+    they are written: 1042, 1042.0 and "1042" are the same order."""
     for name in names:
         value = properties.get(name)
         if isinstance(value, bool):
             continue
-        if isinstance(value, int | str) and str(value):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int | str | float) and str(value) not in ("", "nan", "inf"):
             return str(value)
     return None
 

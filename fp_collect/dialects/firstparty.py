@@ -193,6 +193,7 @@ class FirstpartyAPI:
             anonymous_id=message.get("anonymous_id"),
             timestamp=message["timestamp"],
             received_at=incoming.received_iso,
+            endpoint=incoming.endpoint,
             payload=encode_event(message),
             claims=claims,
             identity=identity,

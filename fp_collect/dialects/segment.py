@@ -300,6 +300,7 @@ class SegmentAPI:
             anonymous_id=message.get("anonymousId") or None,
             timestamp=message["timestamp"],
             received_at=incoming.received_iso,
+            endpoint=incoming.endpoint,
             payload=encode_event(message),
             claims=claims,
             identity=identity,

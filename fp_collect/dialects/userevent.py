@@ -190,8 +190,13 @@ class UserEventAPI:
         message, warnings = self.pipeline.apply_rules(message, source)
         identity = _identity_op(kind, user, message, source, incoming.received)
         properties = message.get("properties")
+        # A confirmation is one whatever its name; a generic event named like one (or
+        # renamed by a rule) is restricted by its name, as in the other APIs.
+        restricted = kind if kind in (CONFIRMATION, EMAIL_OPEN) else None
+        if restricted is None and message["type"] == "track":
+            restricted = source.restrictions.kind_of(message.get("event"))
         claims, claim_warnings = source.restrictions.claims_for(
-            kind,
+            restricted,
             properties if isinstance(properties, dict) else None,
             user_key(identity.lookups, identity.profile_id),
             at,
@@ -210,6 +215,7 @@ class UserEventAPI:
             anonymous_id=None,
             timestamp=message["timestamp"],
             received_at=incoming.received_iso,
+            endpoint=incoming.endpoint,
             payload=encode_event(message),
             claims=claims,
             identity=identity,

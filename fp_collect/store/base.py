@@ -100,6 +100,8 @@ class EventRecord:
     session: SessionOp | None = None
     # Why the event is flagged though stored: rule errors, event-name guidelines.
     warnings: tuple[str, ...] = ()
+    # The path it came in on, kept with the rejection when the store refuses it.
+    endpoint: str = ""
 
 
 @dataclass(slots=True)
@@ -193,6 +195,9 @@ class Query:
     ``after_id`` is a cursor: only rows with a larger id. Rows come in id order.
     ``type`` filters events by type and rejections by reason. ``name`` (the event's name),
     ``profile_id`` and ``flagged`` (only events stored with warnings) filter events only.
+    ``profile_id`` follows merges, as :meth:`Store.profile` does: it selects the events
+    of the surviving profile and of every profile merged into it, whichever of their ids
+    is given.
     """
 
     source_id: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 
 from fp_collect.errors import StoreUnavailable
@@ -58,6 +58,13 @@ class _Graph:
 
     def owner(self, scope: str, identity: Identity) -> str | None:
         return self.owners.get((scope, identity))
+
+    def family(self, profile_id: str) -> set[str]:
+        """The surviving profile of ``profile_id`` and every profile merged into it."""
+        canonical = self.canonical(profile_id)
+        if canonical is None:
+            return set()
+        return {p for p in self.profiles if self.canonical(p) == canonical}
 
     def canonical(self, profile_id: str) -> str | None:
         profile = self.profiles.get(profile_id)
@@ -175,7 +182,7 @@ class MemoryStore(Store):
                 reason=outcome.reason or "rejected",
                 message=f"not stored: {outcome.reason}",
                 received_at=event.received_at,
-                endpoint="",
+                endpoint=event.endpoint,
                 payload=event.payload,
                 message_id=event.message_id,
             )
@@ -219,6 +226,10 @@ class MemoryStore(Store):
     def events(self, query: Query = Query()) -> Iterator[StoredEvent]:
         with self._lock:
             rows = list(self._events)
+            if query.profile_id is not None:
+                family = self._graph.family(query.profile_id)
+                rows = [row for row in rows if row.profile_id in family]
+                query = replace(query, profile_id=None)
         return islice((r for r in rows if _matches(query, r, r.type)), query.limit)
 
     def rejections(self, query: Query = Query()) -> Iterator[StoredRejection]:

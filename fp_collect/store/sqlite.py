@@ -60,7 +60,7 @@ from fp_collect.store.base import (
 )
 from fp_collect.store.identity import resolve_profile, resolve_session
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MAX_GROUP = 512
 
 _SCHEMA = """
@@ -146,7 +146,14 @@ CREATE INDEX IF NOT EXISTS events_flagged ON events (source_id, id) WHERE warnin
 UPDATE schema_version SET version = 3;
 COMMIT;
 """
-_MIGRATIONS = {1: _MIGRATE_TO_2, 2: _MIGRATE_TO_3}
+# Version 4: find the profiles merged into one (reading a profile's events follows merges).
+_MIGRATE_TO_4 = """
+BEGIN IMMEDIATE;
+CREATE INDEX IF NOT EXISTS profiles_merged ON profiles (merged_into) WHERE merged_into IS NOT NULL;
+UPDATE schema_version SET version = 4;
+COMMIT;
+"""
+_MIGRATIONS = {1: _MIGRATE_TO_2, 2: _MIGRATE_TO_3, 3: _MIGRATE_TO_4}
 
 _EVENT_COLUMNS = (
     "id, source_id, message_id, type, name, user_id, anonymous_id, timestamp, received_at,"
@@ -326,7 +333,7 @@ class SQLiteStore(Store):
                 reason=outcome.reason or "rejected",
                 message=f"not stored: {outcome.reason}",
                 received_at=event.received_at,
-                endpoint="",
+                endpoint=event.endpoint,
                 payload=event.payload,
                 message_id=event.message_id,
             )
@@ -434,6 +441,7 @@ class SQLiteStore(Store):
             raise ValueError(f"limit must be None or >= 0, not {query.limit}")
         where = ["id > ?"]
         params: list[object] = [query.after_id]
+        family_at = 0  # where the profile filter's parameter sits, if any
         if query.source_id is not None:
             where.append("source_id = ?")
             params.append(query.source_id)
@@ -450,7 +458,13 @@ class SQLiteStore(Store):
             where.append("name = ?")
             params.append(query.name)
         if table == "events" and query.profile_id is not None:
-            where.append("profile_id = ?")
+            # The survivor and every profile merged into it, transitively.
+            where.append(
+                "profile_id IN (WITH RECURSIVE family(id) AS (SELECT ? UNION"
+                " SELECT p.id FROM profiles p JOIN family f ON p.merged_into = f.id)"
+                " SELECT id FROM family)"
+            )
+            family_at = len(params)
             params.append(query.profile_id)
         if table == "events" and query.flagged:
             where.append("warnings IS NOT NULL")
@@ -462,6 +476,9 @@ class SQLiteStore(Store):
         # leaves nothing open to leak; WAL lets it read while the writer commits.
         try:
             with closing(self._connect()) as conn:
+                if family_at:
+                    # Name the family by its survivor, whichever member's id was given.
+                    params[family_at] = _SQLGraph(conn).canonical(str(params[family_at]))
                 return conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite read failed: {exc}") from exc

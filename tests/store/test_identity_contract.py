@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from fp_collect.store import Batch, EventRecord, Outcome, Store
+from fp_collect.store import Batch, EventRecord, Outcome, Query, Store
 from fp_collect.store.base import Identity, IdentityOp, SessionOp
 
 USER = Identity("user_id", "u-1")
@@ -81,6 +81,20 @@ def test_merge_joins_two_profiles_into_the_oldest(store: Store) -> None:
     assert survivor is not None and survivor.id == "PR-old"
     assert set(survivor.identities) == {USER, ANON}
     assert survivor.traits == {"plan": "a", "name": "Ann"}
+
+
+def test_a_profiles_events_include_those_of_profiles_merged_into_it(store: Store) -> None:
+    commit_one(store, record(op(ANON, new_profile_id="PR-a", at=1.0), message_id="e-a"))
+    commit_one(store, record(op(USER, new_profile_id="PR-b", at=2.0), message_id="e-b"))
+    commit_one(store, record(op(EMAIL, new_profile_id="PR-c", at=3.0), message_id="e-c"))
+    commit_one(store, record(op(EMAIL, USER, merge=True), message_id="e-bc"))  # c into b
+    commit_one(store, record(op(ANON, USER, merge=True), message_id="e-ab"))  # b into a
+    everything = ["e-a", "e-b", "e-c", "e-bc", "e-ab"]
+    for member in ("PR-a", "PR-b", "PR-c"):  # any member's id names the whole family
+        assert [e.message_id for e in store.events(Query(profile_id=member))] == everything
+    assert list(store.events(Query(profile_id="PR-unknown"))) == []
+    commit_one(store, record(op(Identity("user_id", "other"), new_profile_id="PR-d")))
+    assert len(list(store.events(Query(profile_id="PR-d")))) == 1
 
 
 def test_without_merge_an_identity_is_never_stolen(store: Store) -> None:
