@@ -347,7 +347,8 @@ def _seconds(ours: dict[str, str], name: str, default: float) -> float:
         value = float(ours[name])
     except ValueError:
         value = 0.0
-    if not 0 < value < 10**6:  # NaN and infinity fail this too
+    # PostgreSQL takes timeouts as 32-bit milliseconds; NaN and infinity fail this too.
+    if not 0 < value < 10**6:
         raise ConfigError(f"{name}={ours[name]!r} must be a positive number of seconds")
     return value
 
