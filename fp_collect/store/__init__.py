@@ -54,7 +54,15 @@ def open_store(url: str) -> Store:
         if not path:
             raise ConfigError(f"storage URL {url!r} names no file (try 'sqlite:///events.db')")
         return SQLiteStore(path)
-    raise ConfigError(f"unknown storage scheme {scheme!r} in {url!r}; use sqlite:// or memory://")
+    if scheme in ("postgresql", "postgres"):
+        _require_extra("psycopg", "postgres", url)
+        _require_extra("psycopg_pool", "postgres", url)
+        from fp_collect.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ConfigError(
+        f"unknown storage scheme {scheme!r} in {url!r}; use sqlite://, postgresql:// or memory://"
+    )
 
 
 def _require_extra(module: str, extra: str, url: str) -> None:

@@ -1,0 +1,660 @@
+"""What only the PostgreSQL store promises: a shared schema, exactness across processes,
+failure isolation, and riding out outages of the server.
+
+Every test works in a schema of its own on the shared server (``pg_schema``). Outages
+are simulated with the ``tcp_proxy`` fixture, never by touching the server.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+from fp_collect import Collector, Source
+from fp_collect.errors import ConfigError, StoreUnavailable
+from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outcome, open_store
+from fp_collect.store.base import Identity, IdentityOp, RejectionRecord, SessionOp
+from fp_collect.store.postgres import SCHEMA_VERSION, PostgresStore, parse_url
+
+TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
+
+Job = tuple[list[str], "Future[list[Outcome]]"]
+
+
+def event(
+    message_id: str,
+    *,
+    payload: object = "{}",
+    claims: tuple[Claim, ...] = (),
+    identity: IdentityOp | None = None,
+    session: SessionOp | None = None,
+) -> EventRecord:
+    return EventRecord(
+        source_id="src",
+        message_id=message_id,
+        type="track",
+        name="Clicked",
+        user_id=None,
+        anonymous_id="anon",
+        timestamp="2024-05-01T12:00:00Z",
+        received_at="2024-05-01T12:00:01Z",
+        payload=payload,  # type: ignore[arg-type]
+        claims=claims,
+        identity=identity,
+        session=session,
+    )
+
+
+def visitor(anonymous_id: str, new_profile_id: str = "") -> IdentityOp:
+    identity = Identity("anonymous_id", anonymous_id)
+    return IdentityOp(scope="ws", at=100.0, identities=(identity,), new_profile_id=new_profile_id)
+
+
+def with_query(url: str, **params: object) -> str:
+    query = "&".join(f"{name}={value}" for name, value in params.items())
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+@pytest.fixture
+def pg_url(postgres_dsn: str, pg_schema: str) -> str:
+    return with_query(postgres_dsn, schema=pg_schema)
+
+
+def scalar(dsn: str, sql: str, params: tuple[object, ...] = ()) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+
+def wait_until_blocked(dsn: str, schema: str, unless: Future[Any] | None = None) -> None:
+    """Until a session is waiting for a lock while running a statement on ``schema``
+    (or ``unless`` is done: the writer did not wait, and the test will say what it did)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not scalar(
+        dsn,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+        (f'%"{schema}".%',),
+    ):
+        if unless is not None and unless.done():
+            return
+        assert time.monotonic() < deadline, "the writer never blocked"
+        time.sleep(0.02)
+
+
+@contextmanager
+def uncommitted(dsn: str, schema: str, *statements: str) -> Iterator[psycopg.Connection[Any]]:
+    """A transaction that ran ``statements`` (``{s}`` is the schema) and stays open,
+    holding its locks, until the block ends with COMMIT (or ROLLBACK when it raises)."""
+    with psycopg.connect(dsn) as conn:
+        for statement in statements:
+            conn.execute(statement.replace("{s}", f'"{schema}"'))  # type: ignore[arg-type]
+        yield conn
+
+
+# -- schema, options ----------------------------------------------------------------------
+
+
+def test_schema_is_created_once_versioned_and_kept(postgres_dsn: str, pg_schema: str) -> None:
+    url = with_query(postgres_dsn, schema=pg_schema)
+    start = threading.Barrier(6)
+    opened: list[PostgresStore] = []
+
+    def open_at_once() -> None:
+        start.wait(TIMEOUT)
+        opened.append(PostgresStore(url))
+
+    # Six stores (six sessions) creating the same new schema at the same moment.
+    threads = [threading.Thread(target=open_at_once) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert len(opened) == 6
+    assert opened[0].commit(Batch(events=[event("m1")])) == [STORED]
+    assert opened[1].commit(Batch(events=[event("m1")])) == [DUPLICATE]
+    for store in opened:
+        store.close()
+    with psycopg.connect(postgres_dsn) as conn:
+        versions = conn.execute(f'SELECT version FROM "{pg_schema}".schema_version').fetchall()
+        assert versions == [(SCHEMA_VERSION,)]
+        tables = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+            (pg_schema,),
+        ).fetchall()
+    assert {name for (name,) in tables} == {
+        "schema_version", "events", "rejections", "claims", "profiles", "identities", "sessions"
+    }  # fmt: skip
+    # Reopened (by the other scheme name): the data is there and dedup still holds.
+    with open_store(url.replace("postgresql://", "postgres://", 1)) as store:
+        assert [row.message_id for row in store.events()] == ["m1"]
+        assert [row.reason for row in store.rejections()] == ["duplicate_message_id"]
+        assert store.commit(Batch(events=[event("m1"), event("m2")])) == [DUPLICATE, STORED]
+
+
+def test_a_newer_schema_version_is_refused(postgres_dsn: str, pg_url: str, pg_schema: str) -> None:
+    PostgresStore(pg_url).close()
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f'UPDATE "{pg_schema}".schema_version SET version = 99')
+    with pytest.raises(ConfigError, match="version 99"):
+        PostgresStore(pg_url)
+
+
+def test_url_options_are_read_and_the_rest_passed_on_unchanged() -> None:
+    options = parse_url(
+        "postgresql://u:p%40ss@db:5433/site?sslmode=disable&schema=my%20schema"
+        "&pool_size=2&statement_timeout=0.5&connect_timeout=3&options=-c%20x%3Dy"
+    )
+    assert options.conninfo == (
+        "postgresql://u:p%40ss@db:5433/site?sslmode=disable&connect_timeout=3&options=-c%20x%3Dy"
+    )
+    assert (options.schema, options.pool_size) == ("my schema", 2)
+    assert (options.statement_timeout, options.connect_timeout) == (0.5, 3)
+    assert "connect_timeout" not in dict(options.defaults)
+    plain = parse_url("postgres://db/site")
+    assert (plain.conninfo, plain.schema, plain.pool_size) == (
+        "postgres://db/site",
+        "fp_collect",
+        4,
+    )
+    assert plain.statement_timeout == 5.0
+    for bad in ("pool_size=0", "pool_size=x", "statement_timeout=-1", "statement_timeout=nan",
+                "schema=", "schema=pg_x", f"schema={'x' * 64}"):  # fmt: skip
+        with pytest.raises(ConfigError):
+            parse_url(f"postgresql://db/site?{bad}")
+    # Whatever is not ours goes to libpq, which still refuses a misspelt option.
+    with pytest.raises(ConfigError, match="schem"):
+        parse_url("postgresql://db/site?schem=x")
+
+
+def test_open_store_names_the_extra_when_the_driver_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(ConfigError, match=r"pip install 'fp-collect\[postgres\]'"):
+        open_store("postgresql://127.0.0.1/test")
+    with pytest.raises(ConfigError, match="postgresql://"):
+        open_store("mysql://127.0.0.1/test")
+
+
+def test_an_unreachable_server_at_open_is_store_unavailable() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as unused:
+        port = unused.getsockname()[1]
+    with pytest.raises(StoreUnavailable):
+        PostgresStore(f"postgresql://127.0.0.1:{port}/test?connect_timeout=2")
+
+
+# -- exactness ----------------------------------------------------------------------------
+
+
+def test_nul_and_the_escape_character_round_trip_everywhere(pg_url: str) -> None:
+    weird = "a\x00b\uffff0c\uffff\uffff\x00"
+    record = event(weird, payload=f'{{"raw": "{weird}"}}', identity=visitor(weird))
+    rejection = RejectionRecord("src", "invalid_json", weird, "2024", "/v1/t", weird, 1, weird)
+    with PostgresStore(pg_url) as store:
+        [outcome] = store.commit(Batch(events=[record], rejections=[rejection]))
+        assert outcome.stored
+        assert store.commit(Batch(events=[event(weird)])) == [DUPLICATE]
+        [row] = store.events()
+        assert (row.message_id, row.payload) == (weird, record.payload)
+        [kept, duplicate] = store.rejections()
+        assert (kept.message, kept.payload, kept.message_id) == (weird, weird, weird)
+        assert duplicate.message_id == weird
+        assert outcome.profile_id is not None
+        profile = store.profile(outcome.profile_id)
+        assert profile is not None and profile.identities == (Identity("anonymous_id", weird),)
+
+
+def test_threads_store_each_message_id_once(pg_url: str) -> None:
+    ids = [f"m{i}" for i in range(200)]
+
+    def submit_all(store: PostgresStore) -> list[Outcome]:
+        batches = [Batch(events=[event(i) for i in ids[n : n + 10]]) for n in range(0, 200, 10)]
+        futures = [store.submit(batch) for batch in batches]
+        return [outcome for future in futures for outcome in future.result(TIMEOUT)]
+
+    with PostgresStore(pg_url) as store:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(submit_all, [store] * 8))
+        per_id = Counter(
+            i for outcomes in results for i, o in zip(ids, outcomes, strict=True) if o.stored
+        )
+        assert per_id == Counter(ids)
+        assert sorted(row.message_id for row in store.events()) == sorted(ids)
+        assert len(list(store.rejections())) == 7 * 200
+
+
+def test_a_failing_batch_fails_alone(postgres_dsn: str, pg_url: str, pg_schema: str) -> None:
+    with PostgresStore(pg_url) as store:
+        # An uncommitted copy of "blocker" makes the writer wait on its first group, so
+        # the three batches below are queued meanwhile and land in one group together.
+        with uncommitted(
+            postgres_dsn, pg_schema,
+            "INSERT INTO {s}.events (source_id, message_id, type, timestamp, received_at,"
+            " payload) VALUES ('src', 'blocker', 'track', '', '', '{}')",
+        ) as blocker:  # fmt: skip
+            first = store.submit(Batch(events=[event("blocker")]))
+            wait_until_blocked(postgres_dsn, pg_schema)
+            # Refused by psycopg before it is sent, and by the server (bigint overflow).
+            bad_client = store.submit(Batch(events=[event("ok-1"), event("x", payload=object())]))
+            too_big = RejectionRecord("src", "r", "m", "t", "/", "{}", index=2**70)
+            bad_server = store.submit(Batch(events=[event("ok-2")], rejections=[too_big]))
+            good = store.submit(Batch(events=[event("good")]))
+            blocker.rollback()
+        assert first.result(TIMEOUT) == [STORED]
+        for bad in (bad_client, bad_server):
+            with pytest.raises(StoreUnavailable, match="batch not stored") as raised:
+                bad.result(TIMEOUT)
+            assert isinstance(raised.value.__cause__, psycopg.Error)
+        assert good.result(TIMEOUT) == [STORED]
+        assert [row.message_id for row in store.events()] == ["blocker", "good"]
+        assert list(store.rejections()) == []
+
+
+def test_a_future_cancelled_before_the_writer_takes_it_is_not_written(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    with PostgresStore(pg_url) as store:
+        with uncommitted(
+            postgres_dsn, pg_schema,
+            "INSERT INTO {s}.events (source_id, message_id, type, timestamp, received_at,"
+            " payload) VALUES ('src', 'blocker', 'track', '', '', '{}')",
+        ) as blocker:  # fmt: skip
+            first = store.submit(Batch(events=[event("blocker")]))
+            wait_until_blocked(postgres_dsn, pg_schema)
+            cancelled = store.submit(Batch(events=[event("cancelled")]))
+            assert cancelled.cancel()
+            kept = store.submit(Batch(events=[event("kept")]))
+            blocker.rollback()
+        assert first.result(TIMEOUT) == kept.result(TIMEOUT) == [STORED]
+        assert [row.message_id for row in store.events()] == ["blocker", "kept"]
+
+
+def test_a_lost_identity_race_is_redone_and_joins_the_winner(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    with PostgresStore(pg_url) as store:
+        # Another process is creating visitor a-1's profile and has not committed: the
+        # writer sees no owner, creates its own profile, and waits on the identity key.
+        with uncommitted(
+            postgres_dsn, pg_schema,
+            "INSERT INTO {s}.profiles VALUES ('PR-theirs', 'ws', 1, '{}', NULL)",
+            "INSERT INTO {s}.identities VALUES ('ws', 'anonymous_id', 'a-1', 'PR-theirs')",
+        ):  # fmt: skip
+            future = store.submit(Batch(events=[event("m1", identity=visitor("a-1", "PR-mine"))]))
+            wait_until_blocked(postgres_dsn, pg_schema)
+        [outcome] = future.result(TIMEOUT)
+        assert (outcome.stored, outcome.profile_id) == (True, "PR-theirs")
+        assert store.profile("PR-mine") is None  # the lost attempt left nothing behind
+
+
+def test_events_of_one_person_are_serialised_on_their_profile(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    with PostgresStore(pg_url) as store:
+        [known] = store.commit(Batch(events=[event("m1", identity=visitor("a", "PR1"))]))
+        assert known.profile_id == "PR1"
+        # Another process, mid-event for the same person, holds the profile and is
+        # starting a session: ours must wait for it and then join that session.
+        with uncommitted(
+            postgres_dsn, pg_schema,
+            "SELECT 1 FROM {s}.profiles WHERE id = 'PR1' FOR NO KEY UPDATE",
+            "INSERT INTO {s}.sessions VALUES ('SE-theirs', 'PR1', 100, 100)",
+        ):  # fmt: skip
+            session = SessionOp(at=110.0, timeout=1800, new_session_id="SE-mine")
+            future = store.submit(
+                Batch(events=[event("m2", identity=visitor("a"), session=session)])
+            )
+            wait_until_blocked(postgres_dsn, pg_schema, unless=future)
+        [outcome] = future.result(TIMEOUT)
+        assert (outcome.profile_id, outcome.session_id) == ("PR1", "SE-theirs")
+
+
+def test_a_duplicate_committed_meanwhile_is_a_duplicate_and_creates_nothing(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    insert_m1 = (
+        "INSERT INTO {s}.events (source_id, message_id, type, timestamp, received_at, payload)"
+        " VALUES ('src', 'm1', 'track', '', '', '{}')"
+    )
+    with PostgresStore(pg_url) as store:
+        # Checked, found nothing, resolved a profile, then met the other copy on insert.
+        with uncommitted(postgres_dsn, pg_schema, insert_m1):
+            with_profile = store.submit(Batch(events=[event("m1", identity=visitor("a", "PR1"))]))
+            wait_until_blocked(postgres_dsn, pg_schema)
+        assert with_profile.result(TIMEOUT) == [DUPLICATE]
+        assert store.profile("PR1") is None
+        # Checked, found nothing, then waited on the claim the other copy was taking.
+        order = Claim("order_id", "o-1", at=1.0)
+        with uncommitted(
+            postgres_dsn, pg_schema,
+            insert_m1.replace("'m1'", "'m2'"),
+            "INSERT INTO {s}.claims VALUES ('src', 'order_id', 'o-1', NULL)",
+        ):  # fmt: skip
+            claimed = store.submit(Batch(events=[event("m2", claims=(order,))]))
+            other = store.submit(Batch(events=[event("m3", claims=(order,))]))
+            wait_until_blocked(postgres_dsn, pg_schema)
+        assert claimed.result(TIMEOUT) == [DUPLICATE]
+        assert other.result(TIMEOUT) == [Outcome(False, "order_id")]
+
+
+def test_a_batch_that_always_conflicts_fails_alone_after_a_few_attempts(pg_url: str) -> None:
+    with PostgresStore(pg_url) as store:
+        store.commit(Batch(events=[event("m1", identity=visitor("a", "PR1"))]))
+        # A caller-chosen profile id that is taken: creating it conflicts every time.
+        bad = store.submit(Batch(events=[event("m2", identity=visitor("b", "PR1"))]))
+        good = store.submit(Batch(events=[event("m3", identity=visitor("c"))]))
+        with pytest.raises(StoreUnavailable, match="after 5 attempts") as raised:
+            bad.result(TIMEOUT)
+        assert isinstance(raised.value.__cause__, psycopg.errors.UniqueViolation)
+        assert good.result(TIMEOUT)[0].stored
+        assert [row.message_id for row in store.events()] == ["m1", "m3"]
+
+
+def test_close_drains_then_submit_raises_and_reads_still_work(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    futures = [store.submit(Batch(events=[event(f"m{i}")])) for i in range(50)]
+    store.close()
+    assert all(future.result(0) == [STORED] for future in futures)
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.submit(Batch())
+    store.close()
+    assert len(list(store.events())) == 50
+
+
+# -- two processes ------------------------------------------------------------------------
+
+
+def _worker(url: str, worker: int, barrier: Barrier, results: Queue[list[Outcome]]) -> None:
+    barrier.wait(TIMEOUT)  # both create the new schema at once
+    with PostgresStore(url) as store:
+        barrier.wait(TIMEOUT)
+        outcomes: list[Outcome] = []
+        for n in range(0, 40, 10):
+            batch: list[EventRecord] = []
+            for i in range(n, n + 10):
+                batch += [
+                    # The same message (and first visitor) from both processes.
+                    event(f"m{i}", identity=visitor(f"shared-{i}", f"PR-w{worker}-s{i}")),
+                    # Distinct messages, one order: only the claim can refuse these.
+                    event(f"w{worker}-o{i}", claims=(Claim("order_id", f"o{i}", at=1.0),)),
+                    # An email opened at 100 (held until 160) and again at 200.
+                    event(f"w{worker}-e{i}-a",
+                          claims=(Claim("email_open", f"u:e{i}", at=100.0, until=160.0),)),
+                    event(f"w{worker}-e{i}-b",
+                          claims=(Claim("email_open", f"u:e{i}", at=200.0, until=260.0),)),
+                    # Distinct messages of one new visitor, with a session.
+                    event(f"w{worker}-v{i}", identity=visitor(f"visitor-{i}", f"PR-w{worker}-{i}"),
+                          session=SessionOp(100.0, 1800, new_session_id=f"SE-w{worker}-{i}")),
+                ]  # fmt: skip
+            outcomes += store.commit(Batch(events=batch), TIMEOUT)
+        results.put(outcomes)
+
+
+def test_two_processes_share_one_schema_exactly(
+    postgres_dsn: str, pg_url: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Spawned children unpickle _worker by module name; under --import-mode=importlib
+    # that name is not importable unless its root is on sys.path (children inherit it).
+    monkeypatch.syspath_prepend(Path(__file__).parents[__name__.count(".")])
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    results: Queue[list[Outcome]] = ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(pg_url, n, barrier, results)) for n in range(2)]
+    for process in workers:
+        process.start()
+    outcomes = [results.get(timeout=TIMEOUT) for _ in workers]
+    for process in workers:
+        process.join(TIMEOUT)
+        assert process.exitcode == 0
+    # Per kind of event (the batch repeats five kinds), what became of it in both.
+    kinds = ["shared", "order", "open-a", "open-b", "visitor"]
+    tally = Counter(
+        (kinds[n % 5], outcome.stored, outcome.reason)
+        for worker in outcomes
+        for n, outcome in enumerate(worker)
+    )
+    assert tally == {
+        ("shared", True, None): 40, ("shared", False, "duplicate_message_id"): 40,
+        ("order", True, None): 40, ("order", False, "order_id"): 40,
+        ("open-a", True, None): 40, ("open-a", False, "email_open"): 40,
+        ("open-b", True, None): 40, ("open-b", False, "email_open"): 40,
+        ("visitor", True, None): 80,
+    }  # fmt: skip
+    # Both processes' events of one new visitor landed on one profile and one session.
+    first, second = ([o for n, o in enumerate(worker) if n % 5 == 4] for worker in outcomes)
+    for mine, theirs in zip(first, second, strict=True):
+        assert (mine.profile_id, mine.session_id) == (theirs.profile_id, theirs.session_id)
+    # No profile was made for a duplicate or by a lost race: one per visitor.
+    profiles = scalar(postgres_dsn, f'SELECT count(*) FROM "{pg_schema}".profiles')
+    assert profiles == 80
+    with PostgresStore(pg_url) as store:
+        stored = Counter(row.message_id for row in store.events())
+    assert max(stored.values()) == 1 and len(stored) == 40 + 40 + 80 + 80
+
+
+# -- outages ------------------------------------------------------------------------------
+
+# Short timeouts through the proxy so outages are noticed quickly; a failure is then due
+# within statement_timeout + 1 + connect_timeout = 4 s. BOUND only catches a hang.
+OUTAGE_OPTIONS = {"statement_timeout": 1, "connect_timeout": 2}
+BOUND = 20.0
+
+
+@dataclass
+class Attempt:
+    submitted: float
+    finished: float
+    ids: list[str]
+    result: list[Outcome] | BaseException
+
+
+@dataclass
+class Load:
+    """A few threads committing small batches of new events one after another, until
+    stopped or after a bounded number each; every attempt is recorded."""
+
+    store: PostgresStore
+    threads: int = 3
+    per_thread: int = 3000
+    attempts: list[Attempt] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _running: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> Load:
+        for t in range(self.threads):
+            thread = threading.Thread(target=self._send, args=(t,), daemon=True)
+            thread.start()
+            self._running.append(thread)
+        return self
+
+    def _send(self, t: int) -> None:
+        for n in range(self.per_thread):
+            if self._stop.is_set():
+                return
+            ids = [f"t{t}-{n}-{j}" for j in range(5)]
+            submitted = time.monotonic()
+            result: list[Outcome] | BaseException
+            try:
+                result = self.store.submit(Batch(events=[event(i) for i in ids])).result(TIMEOUT)
+            except (Exception, FutureTimeout) as exc:  # noqa: BLE001 - recorded, then judged
+                result = exc
+            with self._lock:
+                self.attempts.append(Attempt(submitted, time.monotonic(), ids, result))
+            if isinstance(result, BaseException):
+                time.sleep(0.05)  # a client backing off; the loop stays bounded anyway
+
+    def count(self, ok: bool, submitted_after: float) -> int:
+        with self._lock:
+            return sum(
+                1
+                for a in self.attempts
+                if a.submitted > submitted_after and isinstance(a.result, list) == ok
+            )
+
+    def stop(self) -> list[Attempt]:
+        self._stop.set()
+        for thread in self._running:
+            thread.join(TIMEOUT)
+            assert not thread.is_alive()
+        return self.attempts
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def stored_ids(dsn: str, schema: str) -> Counter[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(f'SELECT message_id FROM "{schema}".events').fetchall()
+    return Counter(message_id for (message_id,) in rows)
+
+
+def proxied(tcp_proxy: Callable[[str, int], Any], postgres_dsn: str) -> Any:
+    parts = urlsplit(postgres_dsn)
+    return tcp_proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+
+
+@pytest.mark.parametrize("outage", ["cut", "stall"])
+def test_writes_fail_within_the_bound_during_an_outage_and_resume_after(
+    outage: str,
+    postgres_dsn: str,
+    pg_schema: str,
+    tcp_proxy: Callable[[str, int], Any],
+) -> None:
+    proxy = proxied(tcp_proxy, postgres_dsn)
+    url = with_query(proxy.url(postgres_dsn), schema=pg_schema, **OUTAGE_OPTIONS)
+    with PostgresStore(url) as store:
+        load = Load(store).start()
+        try:
+            wait_for(lambda: load.count(True, 0) >= 20, "commits before the outage")
+            began = time.monotonic()
+            getattr(proxy, outage)()
+            wait_for(lambda: load.count(False, began) >= 6, "failures during the outage")
+            if outage == "cut":
+                with pytest.raises(StoreUnavailable):
+                    list(store.events())
+            ended = time.monotonic()
+            proxy.restore()
+            wait_for(lambda: load.count(True, ended) >= 20, "commits after the outage")
+        finally:
+            attempts = load.stop()
+        assert len(list(store.events())) >= 40  # reads resume too
+    failures = [a for a in attempts if isinstance(a.result, BaseException)]
+    assert failures and all(isinstance(a.result, StoreUnavailable) for a in failures)
+    assert all(a.finished - a.submitted < BOUND for a in failures)
+    # Nothing submitted while the server was away can have been committed.
+    assert not any(
+        isinstance(a.result, list) for a in attempts if began < a.submitted and a.finished < ended
+    )
+    stored = stored_ids(postgres_dsn, pg_schema)
+    for a in attempts:
+        if isinstance(a.result, list):
+            assert a.result == [STORED] * 5
+            assert all(stored[i] == 1 for i in a.ids)
+        else:  # an unknown fate (a lost COMMIT answer), but never half a batch
+            assert {stored[i] for i in a.ids} in ({0}, {1})
+
+
+# -- HTTP ---------------------------------------------------------------------------------
+
+WRITE_KEY = "wk_pg_outage"
+
+
+@contextmanager
+def run_uvicorn(app: Any) -> Iterator[int]:
+    import uvicorn
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config(app, lifespan="on", ws="none", log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), "uvicorn to start")
+        assert thread.is_alive()
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(TIMEOUT)
+        sock.close()
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def http(port: int, path: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    headers = {"Authorization": "Basic " + b64encode(f"{WRITE_KEY}:".encode()).decode()}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", body, headers)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, dict(error.headers), error.read()
+
+
+def track(port: int, message_id: str) -> tuple[int, dict[str, str], bytes]:
+    body = f'{{"userId": "u1", "event": "Order Completed", "messageId": "{message_id}"}}'
+    return http(port, "/collect/v1/track", body.encode())
+
+
+def test_http_answers_503_while_the_database_is_cut_and_200_after(
+    postgres_dsn: str, pg_schema: str, tcp_proxy: Callable[[str, int], Any]
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from fp_collect.adapters.asgi import CollectorMiddleware
+
+    async def home(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("home")
+
+    proxy = proxied(tcp_proxy, postgres_dsn)
+    commit_timeout = 3.0
+    collector = Collector(
+        sources=[Source(write_key=WRITE_KEY, id="site")],
+        storage=with_query(proxy.url(postgres_dsn), schema=pg_schema, **OUTAGE_OPTIONS),
+        prefix="/collect",
+        commit_timeout=commit_timeout,
+    )
+    app = Starlette(routes=[Route("/", home)])
+    app.add_middleware(CollectorMiddleware, collector=collector)
+    with run_uvicorn(app) as port:
+        assert track(port, "before")[0] == 200
+        proxy.cut()
+        began = time.monotonic()
+        status, headers, _ = track(port, "during")
+        waited = time.monotonic() - began
+        assert (status, headers.get("retry-after")) == (503, "5")
+        assert waited < commit_timeout + 2  # answered by the timeout at the latest
+        assert http(port, "/")[::2] == (200, b"home")  # the host app is unaffected
+        proxy.restore()
+        assert track(port, "after")[0] == 200
+        assert track(port, "after")[0] == 200  # a retry: stored once
+    assert stored_ids(postgres_dsn, pg_schema) == Counter({"before": 1, "after": 1})
