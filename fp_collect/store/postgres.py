@@ -189,6 +189,8 @@ _MIGRATIONS: list[list[str]] = [
             traits text NOT NULL,
             merged_into text COLLATE "C"
         )""",
+        "CREATE INDEX IF NOT EXISTS profiles_merged ON {s}.profiles (merged_into)"
+        " WHERE merged_into IS NOT NULL",
         """CREATE TABLE IF NOT EXISTS {s}.identities (
             scope text COLLATE "C" NOT NULL,
             kind text COLLATE "C" NOT NULL,
@@ -801,7 +803,7 @@ class PostgresStore(Store):
                 reason=outcome.reason or "rejected",
                 message=f"not stored: {outcome.reason}",
                 received_at=event.received_at,
-                endpoint="",
+                endpoint=event.endpoint,
                 payload=event.payload,
                 message_id=event.message_id,
             )
@@ -908,11 +910,22 @@ class PostgresStore(Store):
             ("source_id", query.source_id),
             (type_column, query.type),
             ("name", query.name if table == "events" else None),
-            ("profile_id", query.profile_id if table == "events" else None),
         ):
             if value is not None:
                 where.append(f"{column} = %s")
                 params.append(value)
+        if table == "events" and query.profile_id is not None:
+            # The survivor (whichever member's id was given) and every profile merged
+            # into it, transitively.
+            survivor = self.profile(query.profile_id)
+            if survivor is None:
+                return iter(())
+            where.append(
+                'profile_id IN (WITH RECURSIVE family(id) AS (SELECT %s::text COLLATE "C" UNION'
+                " SELECT p.id FROM {s}.profiles p JOIN family f ON p.merged_into = f.id)"
+                " SELECT id FROM family)"
+            )
+            params.append(survivor.id)
         if query.since is not None:
             where.append("received_at >= %s")
             params.append(query.since)
