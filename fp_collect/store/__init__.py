@@ -54,7 +54,15 @@ def open_store(url: str) -> Store:
         if not path:
             raise ConfigError(f"storage URL {url!r} names no file (try 'sqlite:///events.db')")
         return SQLiteStore(path)
-    raise ConfigError(f"unknown storage scheme {scheme!r} in {url!r}; use sqlite:// or memory://")
+    if scheme in ("redis", "rediss"):
+        _require_extra("redis", "redis", url)
+        from fp_collect.store.redis_streams import RedisStore
+
+        return RedisStore(url)
+    raise ConfigError(
+        f"unknown storage scheme {scheme!r} in {url!r}; use sqlite://, memory://, redis:// "
+        "or rediss://"
+    )
 
 
 def _require_extra(module: str, extra: str, url: str) -> None:
