@@ -693,7 +693,8 @@ class RedisStore(Store):
                 # that queued behind it rather than letting each wait for its own timeout.
                 for job in group:
                     _fail(job, f"Redis commit failed: {exc}", exc)
-                queued, stopping = self._drain([])
+                queued, closing = self._drain([])
+                stopping = stopping or closing
                 for job in queued:
                     if job.future.set_running_or_notify_cancel():
                         _fail(job, f"Redis commit failed: {exc}", exc)
@@ -750,7 +751,12 @@ class RedisStore(Store):
         for job in jobs:
             try:
                 plan = self._plan(round_, job.batch)
-            except (_BatchFailed, ResponseError, ValueError, TypeError) as exc:
+            except RedisError as exc:
+                if not isinstance(exc, ResponseError):
+                    raise  # the connection: the whole group fails
+                results.append(_unavailable(f"batch not stored: {exc}", exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - this batch cannot be stored, the rest can
                 results.append(_unavailable(f"batch not stored: {exc}", exc))
                 continue
             round_.absorb(plan.tx)
@@ -796,14 +802,15 @@ class RedisStore(Store):
                 if event.session is not None and event.session.session_id is not None:
                     first.append(("h", keys.session(event.session.session_id), "profile_id"))
         round_.prefetch(first)
-        # Then the profiles those identities lead to, and their latest sessions.
-        owners = {round_.value(c) for c in first if c[1].startswith(keys.identities(""))}
-        owners.discard(None)
+        # Then the profiles those identities lead to, their latest sessions, and when
+        # those were last seen.
+        found = {round_.value(c) for c in first if c[1].startswith(keys.identities(""))}
+        owners = sorted(owner for owner in found if owner)
         with_sessions = any(e.session is not None for job in jobs for e in job.batch.events)
-        round_.prefetch(
-            [cell for owner in owners if owner for cell in _profile_cells(keys, owner)],
-            [keys.profile_sessions(owner) for owner in owners if owner and with_sessions],
-        )
+        tops = [keys.profile_sessions(owner) for owner in owners if with_sessions]
+        round_.prefetch([cell for owner in owners for cell in _profile_cells(keys, owner)], tops)
+        latest = (round_.top_candidates(key) for key in tops)
+        round_.prefetch(("h", keys.session(s), "last_seen") for top in latest for s in top)
 
     def _plan(self, round_: _Round, batch: Batch) -> _Plan:
         tx = _Tx(round_)
