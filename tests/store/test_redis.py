@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store import (
@@ -35,7 +37,8 @@ from fp_collect.store import (
     RejectionRecord,
     open_store,
 )
-from fp_collect.store.base import Identity, IdentityOp, SessionOp
+from fp_collect.store.base import Identity, IdentityOp, SessionOp, StoredProfile
+from fp_collect.store.memory import MemoryStore
 from fp_collect.store.redis_streams import RedisStore
 
 from .conftest import redis_prefix
@@ -427,6 +430,115 @@ def test_close_drains_then_submit_raises(url: str) -> None:
         store.submit(Batch())
     store.close()
     assert len(stored_ids(store)) == 50  # still readable
+
+
+@contextmanager
+def held_writer(store: RedisStore) -> Iterator[None]:
+    """Keep the writer busy meanwhile, so that what is submitted makes one group."""
+    busy, release = threading.Event(), threading.Event()
+    original = store._commit_group
+
+    def hold(group: Any) -> None:
+        store._commit_group = original  # type: ignore[method-assign]
+        busy.set()
+        release.wait(TIMEOUT)
+        original(group)
+
+    store._commit_group = hold  # type: ignore[method-assign]
+    store.submit(Batch())
+    assert busy.wait(TIMEOUT)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+POOL = [
+    Identity("anonymous_id", "a-1"),
+    Identity("anonymous_id", "a-2"),
+    Identity("user_id", "u-1"),
+    Identity("user_id", "u-2"),
+    Identity("email", "ann@example.com"),
+]
+
+
+@st.composite
+def random_events(draw: st.DrawFn) -> list[EventRecord]:
+    """Events of a few visitors: identities, merges, lookups, explicit profiles and
+    sessions, traits, claims and repeated messageIds, every id unique where the store
+    would otherwise fail the batch (as SQL would) rather than pick one."""
+    events = []
+    for i in range(draw(st.integers(1, 14))):
+        at = float(draw(st.integers(0, 6)) * 1000)
+        op = IdentityOp(
+            scope="ws",
+            at=at,
+            identities=tuple(draw(st.lists(st.sampled_from(POOL), max_size=3, unique=True))),
+            lookups=tuple(draw(st.lists(st.sampled_from(POOL), max_size=1))),
+            profile_id=draw(st.none() | st.sampled_from(["PX-1", "PX-2"])),
+            new_profile_id=f"PR-{i}",
+            create=draw(st.booleans()),
+            merge=draw(st.booleans()),
+            traits=draw(st.none() | st.fixed_dictionaries({"n": st.integers(0, 3)})),
+        )
+        session = draw(
+            st.none()
+            | st.builds(
+                SessionOp,
+                at=st.just(at),
+                timeout=st.just(1800.0),
+                new_session_id=st.just(f"SE-{i}"),
+                session_id=st.none() | st.sampled_from(["SX-1", "SX-2"]),
+            )
+        )
+        claims = draw(st.lists(st.sampled_from([Claim("order_id", "o-1", at=at),
+                                                Claim("email_open", "e", at=at, until=at + 1500)]),
+                               max_size=2, unique=True))  # fmt: skip
+        message_id = draw(st.sampled_from([f"m{i}", "m-again"]))
+        events.append(
+            event(message_id, identity=op, session=session, claims=tuple(claims))
+            if draw(st.booleans())
+            else event(message_id, claims=tuple(claims))
+        )
+    return events
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=st.lists(random_events(), min_size=1, max_size=4))
+def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
+    redis_url: str, batches: list[list[EventRecord]]
+) -> None:
+    """The batches of one group are planned on top of each other's writes (before any is
+    in Redis): the result must be what committing them one at a time gives."""
+    memory = MemoryStore()
+    expected = [memory.commit(Batch(events=list(events))) for events in batches]
+    with redis_prefix(redis_url) as url, RedisStore(url) as store:
+        with held_writer(store):
+            futures = [store.submit(Batch(events=list(events))) for events in batches]
+        assert [future.result(TIMEOUT) for future in futures] == expected
+        assert store.conflicts == 0
+
+        def rows(source: Any) -> list[tuple[str, str | None, str | None]]:
+            return [(r.message_id, r.profile_id, r.session_id) for r in source.events()]
+
+        assert rows(store) == rows(memory)
+        assert [r.reason for r in store.rejections()] == [r.reason for r in memory.rejections()]
+        for profile_id in {o.profile_id for outcomes in expected for o in outcomes}:
+            assert profile_id is None or _same_profile(
+                store.profile(profile_id), memory.profile(profile_id)
+            )
+
+
+def _same_profile(mine: StoredProfile | None, theirs: StoredProfile | None) -> bool:
+    assert mine is not None and theirs is not None
+    assert (mine.id, mine.scope, mine.created_at, mine.traits) == (
+        theirs.id,
+        theirs.scope,
+        theirs.created_at,
+        theirs.traits,
+    )
+    assert set(mine.identities) == set(theirs.identities)
+    return True
 
 
 # -- two processes --------------------------------------------------------------------
