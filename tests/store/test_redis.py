@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import multiprocessing
+import random
 import socket
 import sys
 import threading
@@ -539,6 +540,80 @@ def _same_profile(mine: StoredProfile | None, theirs: StoredProfile | None) -> b
     )
     assert set(mine.identities) == set(theirs.identities)
     return True
+
+
+def test_racing_writers_keep_every_index_consistent(url: str) -> None:
+    """Three stores (three writers) in six threads, on a handful of visitors: merges,
+    sessions and repeated messageIds all conflicting. Whatever the interleaving, each
+    messageId is stored once and the indexes agree with each other."""
+
+    def send(store: RedisStore, thread: int) -> list[tuple[str, Outcome]]:
+        rng = random.Random(thread)
+        done: list[tuple[str, Outcome]] = []
+        for i in range(40):
+            events = []
+            for k in range(rng.randint(1, 3)):
+                at = float(rng.randint(0, 8) * 1000)
+                op = visitor(
+                    *rng.sample(POOL, rng.randint(1, 2)),
+                    at=at,
+                    merge=rng.random() < 0.3,
+                    new_profile_id=f"PR-{thread}-{i}-{k}",
+                    traits={"t": thread},
+                )
+                session = SessionOp(at, 1800.0, f"SE-{thread}-{i}-{k}")
+                message_id = f"m{rng.randint(0, 60)}"
+                events.append(event(message_id, identity=op, session=session))
+            outcomes = store.commit(Batch(events=events), TIMEOUT)
+            done += zip((e.message_id for e in events), outcomes, strict=True)
+        return done
+
+    stores = [RedisStore(url) for _ in range(3)]
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            sent = list(pool.map(send, stores * 2, range(6)))
+    finally:
+        for store in stores:
+            store.close()
+    stored = Counter(m for results in sent for m, outcome in results if outcome.stored)
+    with RedisStore(url) as store:
+        assert Counter(stored_ids(store)) == stored == Counter(set(stored))
+        for row in store.events():
+            assert row.profile_id is not None and store.profile(row.profile_id) is not None
+        assert_indexes_agree(store.client, store.prefix)
+
+
+def assert_indexes_agree(client: redis.Redis, prefix: str) -> None:
+    """Identity owners, profiles' identity sets, sessions and profiles' session sets all
+    say the same thing, and only live (unmerged) profiles own anything."""
+
+    def live(profile_id: str) -> bool:
+        return bool(client.hexists(prefix + "profile:" + profile_id, "created_at")) and not (
+            client.hexists(prefix + "profile:" + profile_id, "merged_into")
+        )
+
+    def keys(kind: str) -> Iterator[tuple[str, str]]:
+        for key in client.scan_iter(match=f"{prefix}{kind}:*", count=1000):
+            yield key, key[len(prefix) + len(kind) + 1 :]
+
+    for key, scope in keys("identities"):
+        for name, owner in client.hgetall(key).items():
+            kind, _, value = name.partition(":")
+            member = json.dumps([scope, kind, value], separators=(",", ":"))
+            assert live(owner) and client.sismember(f"{prefix}profile-identities:{owner}", member)
+    for key, profile_id in keys("profile-identities"):
+        for member in client.smembers(key):
+            scope, kind, value = json.loads(member)
+            owner = client.hget(f"{prefix}identities:{scope}", f"{kind}:{value}")
+            assert owner == profile_id
+    for key, profile_id in keys("profile-sessions"):
+        assert live(profile_id)
+        for session_id, score in client.zrange(key, 0, -1, withscores=True):
+            found = client.hgetall(f"{prefix}session:{session_id}")
+            assert (found["profile_id"], float(found["last_seen"])) == (profile_id, score)
+    for key, session_id in keys("session"):
+        owner = client.hget(key, "profile_id")
+        assert client.zscore(f"{prefix}profile-sessions:{owner}", session_id) is not None
 
 
 # -- two processes --------------------------------------------------------------------
