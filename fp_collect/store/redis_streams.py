@@ -294,6 +294,8 @@ class _Round:
         self._tops: dict[str, str | None] = {}
         self.cells: dict[_Cell, str | None] = {}
         self.collections: dict[str, _Collection] = {}
+        # Sets of profiles created this round: empty in Redis, no need to ask.
+        self.fresh: set[str] = set()
 
     def prefetch(self, cells: Iterable[_Cell], tops: Iterable[str] = ()) -> None:
         """Read many values in one round trip, before they are asked for."""
@@ -326,7 +328,7 @@ class _Round:
         """The members of a (sorted) set as the next script will find it."""
         planned = self.collections.get(key)
         found: list[str] = []
-        if planned is None or not planned.cleared:
+        if (planned is None or not planned.cleared) and key not in self.fresh:
             if key not in self._members:
                 reply = (
                     self._client.zrange(key, 0, -1) if sorted_set else self._client.smembers(key)
@@ -340,7 +342,7 @@ class _Round:
         set is to be emptied) and those planned to be added."""
         planned = self.collections.get(key)
         candidates: list[str] = []
-        if planned is None or not planned.cleared:
+        if (planned is None or not planned.cleared) and key not in self.fresh:
             if key not in self._tops:
                 self.prefetch((), [key])
             top = self._tops[key]
@@ -351,6 +353,7 @@ class _Round:
     def absorb(self, tx: _Tx) -> None:
         """A batch is planned: the next ones see its writes."""
         self.cells.update(tx.cells)
+        self.fresh |= tx.fresh
         for key, changes in tx.collections.items():
             self.collections.setdefault(key, _Collection()).apply(changes)
 
@@ -369,6 +372,8 @@ class _Tx:
         self.checks: list[_Check] = []
         self._checked: set[tuple[str, str, str]] = set()
         self.writes: list[_Write] = []
+        # Collections that cannot exist yet: their profile is created by this plan.
+        self.fresh: set[str] = set()
 
     def _check(self, kind: str, key: str, name: str, expected: str | None) -> None:
         if (kind, key, name) not in self._checked:
@@ -408,7 +413,7 @@ class _Tx:
         return True
 
     def members(self, key: str, sorted_set: bool) -> list[str]:
-        before = self.round.members(key, sorted_set)
+        before = [] if key in self.fresh else self.round.members(key, sorted_set)
         self._check("zc" if sorted_set else "sc", key, "", str(len(before)))
         for member in before:
             self._check("zm" if sorted_set else "sm", key, member, "1")
@@ -427,7 +432,8 @@ class _Tx:
         def rank(member: str) -> tuple[float, str]:
             return float(self.read(score(member)) or "-inf"), member
 
-        before = max(self.round.top_candidates(key), key=rank_before, default=None)
+        candidates = [] if key in self.fresh else self.round.top_candidates(key)
+        before = max(candidates, key=rank_before, default=None)
         self._check("t", key, "", before)
         own = self.collections.get(key)
         candidates = [] if before is None or (own and own.cleared) else [before]
@@ -480,8 +486,6 @@ class _Graph:
     def __init__(self, tx: _Tx, keys: _Keys) -> None:
         self.tx = tx
         self.keys = keys
-        # Profiles this plan creates: their (checked absent) sessions need no read.
-        self._created: set[str] = set()
 
     def owner(self, scope: str, identity: Identity) -> str | None:
         return self.tx.hget(self.keys.identities(scope), _field(identity))
@@ -509,7 +513,10 @@ class _Graph:
         self.tx.hset(key, "scope", scope)
         self.tx.hset(key, "created_at", repr(at))
         self.tx.hset(key, "traits", "{}")
-        self._created.add(profile_id)
+        # Checked absent, so it owns nothing yet: its sets need no read. (Only a profile
+        # that exists is given identities or sessions, and a merged one's sets are gone.)
+        self.tx.fresh.add(self.keys.profile_identities(profile_id))
+        self.tx.fresh.add(self.keys.profile_sessions(profile_id))
 
     def attach(self, scope: str, identity: Identity, profile_id: str) -> None:
         self.tx.hset(self.keys.identities(scope), _field(identity), profile_id)
@@ -545,14 +552,6 @@ class _Graph:
 
     def latest_session(self, profile_id: str) -> tuple[str, float] | None:
         key = self.keys.profile_sessions(profile_id)
-        if profile_id in self._created:
-            # A new profile's sessions are all in this plan: no need to ask Redis.
-            own = self.tx.collections.get(key)
-            added = list(own.added.items()) if own else []
-            if not added:
-                return None
-            session_id, score = max(added, key=lambda item: (float(item[1]), item[0]))
-            return session_id, float(score)
         top = self.tx.top(key, lambda s: ("h", self.keys.session(s), "last_seen"))
         if top is None:
             return None
@@ -800,7 +799,7 @@ class RedisStore(Store):
                 if op.profile_id is not None:
                     first += _profile_cells(keys, op.profile_id)
                 if event.session is not None and event.session.session_id is not None:
-                    first.append(("h", keys.session(event.session.session_id), "profile_id"))
+                    first += _session_cells(keys, event.session.session_id)
         round_.prefetch(first)
         # Then the profiles those identities lead to, their latest sessions, and when
         # those were last seen.
@@ -810,7 +809,7 @@ class RedisStore(Store):
         tops = [keys.profile_sessions(owner) for owner in owners if with_sessions]
         round_.prefetch([cell for owner in owners for cell in _profile_cells(keys, owner)], tops)
         latest = (round_.top_candidates(key) for key in tops)
-        round_.prefetch(("h", keys.session(s), "last_seen") for top in latest for s in top)
+        round_.prefetch(cell for top in latest for s in top for cell in _session_cells(keys, s))
 
     def _plan(self, round_: _Round, batch: Batch) -> _Plan:
         tx = _Tx(round_)
@@ -951,6 +950,11 @@ class RedisStore(Store):
                 self._queue.put(None)
         if threading.current_thread() is not self._writer:
             self._writer.join()
+
+
+def _session_cells(keys: _Keys, session_id: str) -> list[_Cell]:
+    key = keys.session(session_id)
+    return [("h", key, "profile_id"), ("h", key, "last_seen")]
 
 
 def _profile_cells(keys: _Keys, profile_id: str) -> list[_Cell]:
