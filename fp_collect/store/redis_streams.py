@@ -62,13 +62,16 @@ dedup hash or claim would be forgotten.
 atomic step. A batch whose future was cancelled before the writer took it is skipped.
 
 **Outages.** Every socket operation is bounded by ``socket_timeout`` and
-``socket_connect_timeout``; redis-py's own retries are turned off, since resending a
-script whose answer was lost could store it a second time under another outcome. When a
-round trip fails, every batch of the group, and every batch queued behind it, fails with
-:class:`StoreUnavailable`: a future fails at most about ``socket_connect_timeout +
-socket_timeout`` after the writer took it, plus the round in progress when it was
-queued. The next batch reconnects. A batch whose answer was lost may or may not have
-been stored; its retry is recognised by messageId, so a 2xx is still stored once.
+``socket_connect_timeout`` (3 and 2 seconds unless the URL says otherwise). redis-py's own
+retries are turned off: a script resent after its answer was lost would find its own
+writes and report its events as duplicates of themselves. When Redis cannot be reached
+or does not answer, the group being committed fails with :class:`StoreUnavailable`, and
+so does every batch queued behind it, at once: a future fails within one such timeout
+(``socket_connect_timeout + socket_timeout``) after the attempt in progress when it was
+submitted, so within about twice that at worst, 10 seconds by default. Nothing needs
+restarting: the next batch connects again. A batch whose answer was lost may or may not
+have been stored; the client's retry is recognised by messageId, so an event answered
+2xx is stored exactly once.
 
 **Windowed claims** are stored with an expiry so Redis reclaims them:
 ``until - at + claim_grace`` seconds after they are taken. The decision always compares
@@ -405,7 +408,7 @@ class _Tx:
 
     def absent(self, key: str, name: str) -> bool:
         """Whether a hash field does not exist yet. Unless it was already read, this costs
-        no round trip: the script checks it, and a retry reads it (see ``conflicted``)."""
+        no round trip: the script checks it, and a retry reads it (``_Job.stale``)."""
         cell = ("h", key, name)
         if cell in self.cells or self.round.seen(cell):
             return self.read(cell) is None
@@ -687,7 +690,7 @@ class RedisStore(Store):
             group = [job for job in group if job.future.set_running_or_notify_cancel()]
             try:
                 self._commit_group(group)
-            except RedisError as exc:
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Redis is unreachable or stalled: fail this group, and at once everything
                 # that queued behind it rather than letting each wait for its own timeout.
                 for job in group:
