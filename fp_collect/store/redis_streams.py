@@ -48,14 +48,16 @@ first event of one visitor end on one profile.
 
 **The guarantee.** Redis runs a script without interleaving any other command, and ours
 writes only after every check passed, so a batch is stored entirely or not at all
-(events, their claims, dedup entries, profile and session changes, and rejections). Only
-a failure of Redis itself in the middle of the write phase could split one: a command
-refused for a key another program overwrote with the wrong type, or a server crash
-without AOF (with AOF, a script's writes are logged as one MULTI/EXEC block). The future
-resolves once Redis has answered the script: what that survives is Redis' persistence
-configuration (``appendonly yes`` with ``appendfsync always`` for a 2xx to survive power
-loss; replication is asynchronous). Keep ``maxmemory-policy noeviction``: an evicted
-dedup hash or claim would be forgotten.
+(events, their claims, dedup entries, profile and session changes, and rejections). A
+crash does not split one either: snapshots are taken between commands, the AOF and
+replicas receive a script's writes as one MULTI/EXEC block, and Redis refuses a script
+for lack of memory only before its first write. What could split one is a write refused
+half-way through, and that takes another program meddling with these keys: a key
+overwritten with another type, or the ``ids:`` counters deleted while the streams remain
+(XADD then refuses the smaller ID). The future resolves once Redis has answered the
+script: what that survives is Redis' persistence configuration (``appendonly yes`` with
+``appendfsync always`` for a 2xx to survive power loss; replication is asynchronous).
+Keep ``maxmemory-policy noeviction``: an evicted dedup hash or claim would be forgotten.
 
 **Group commit.** One writer thread per store takes every queued batch (up to
 ``MAX_GROUP``) and sends their scripts in one pipeline: each batch is still its own
@@ -761,9 +763,10 @@ class RedisStore(Store):
             except Exception as exc:  # noqa: BLE001 - this batch cannot be stored, the rest can
                 results.append(_unavailable(f"batch not stored: {exc}", exc))
                 continue
-            round_.absorb(plan.tx)
-            plans.append((len(results), plan))
             results.append(plan.outcomes)
+            if plan.tx.writes:  # an empty batch has nothing to check or write
+                round_.absorb(plan.tx)
+                plans.append((len(results) - 1, plan))
         if not plans:
             return results
         maxlen = "" if self._maxlen is None else str(self._maxlen)
