@@ -58,6 +58,8 @@ overwritten with another type, or the ``ids:`` counters deleted while the stream
 script: what that survives is Redis' persistence configuration (``appendonly yes`` with
 ``appendfsync always`` for a 2xx to survive power loss; replication is asynchronous).
 Keep ``maxmemory-policy noeviction``: an evicted dedup hash or claim would be forgotten.
+Use one primary (with replicas if you like), not Redis Cluster: a batch's script touches
+keys in many hash slots.
 
 **Group commit.** One writer thread per store takes every queued batch (up to
 ``MAX_GROUP``) and sends their scripts in one pipeline: each batch is still its own
