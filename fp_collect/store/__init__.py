@@ -60,8 +60,14 @@ def open_store(url: str) -> Store:
         from fp_collect.store.postgres import PostgresStore
 
         return PostgresStore(url)
+    if scheme in ("redis", "rediss"):
+        _require_extra("redis", "redis", url)
+        from fp_collect.store.redis_streams import RedisStore
+
+        return RedisStore(url)
     raise ConfigError(
-        f"unknown storage scheme {scheme!r} in {url!r}; use sqlite://, postgresql:// or memory://"
+        f"unknown storage scheme {scheme!r} in {url!r}; use sqlite://, postgresql://, "
+        "redis://, rediss:// or memory://"
     )
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 
 from fp_collect.store import Store, open_store
 
-BACKENDS = ["memory", "sqlite", "postgresql"]
+BACKENDS = ["memory", "sqlite", "postgresql", "redis"]
 
 
 def with_query(url: str, **params: str) -> str:
@@ -54,6 +56,10 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         dsn: str = request.getfixturevalue("postgres_dsn")
         schema: str = request.getfixturevalue("pg_schema")
         yield with_query(dsn, schema=schema)
+    elif request.param == "redis":
+        # Asked for here, not as an argument, so only the redis runs need the server.
+        with redis_prefix(request.getfixturevalue("redis_url")) as url:
+            yield url
     else:  # pragma: no cover - a new backend must be added above
         raise AssertionError(request.param)
 
@@ -62,3 +68,34 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def store(store_url: str) -> Iterator[Store]:
     with open_store(store_url) as opened:
         yield opened
+
+
+@contextmanager
+def redis_prefix(base: str, **options: str) -> Iterator[str]:
+    """``base`` with a fresh ``prefix=`` option (and ``options``); every key under that
+    prefix is deleted afterwards."""
+    prefix = f"fp-test-{uuid.uuid4().hex}:"
+    parts = urlsplit(base)
+    query = [*parse_qsl(parts.query), ("prefix", prefix), *options.items()]
+    try:
+        yield parts._replace(query=urlencode(query)).geturl()
+    finally:
+        delete_prefix(base, prefix)
+
+
+def delete_prefix(base: str, prefix: str) -> None:
+    """SCAN + UNLINK every key under ``prefix``: never FLUSHDB a shared server."""
+    import redis
+
+    client = redis.Redis.from_url(base)
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=prefix + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
+    finally:
+        client.close()
