@@ -125,7 +125,8 @@ class Limits:
     max_event_bytes: int = 15 * KIB
     # deeper JSON than this is refused before anything walks it recursively
     max_depth: int = 64
-    # longest messageId kept as a dedup key
+    # longest messageId (a dedup key), userId, anonymousId, groupId or previousId: all are
+    # index keys in the stores
     max_message_id_length: int = 255
 
     def __post_init__(self) -> None:

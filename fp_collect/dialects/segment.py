@@ -51,6 +51,7 @@ _STRING_FIELDS = (
     "previousId",
 )
 _OBJECT_FIELDS = ("context", "integrations", "properties", "traits")
+_ID_FIELDS = ("messageId", "userId", "anonymousId", "groupId", "previousId")
 _TIME_FIELDS = ("timestamp", "sentAt")
 _UNAVAILABLE = responses.json_response(
     HTTPStatus.SERVICE_UNAVAILABLE,
@@ -444,8 +445,11 @@ def normalise_message(message: Message, forced_type: str | None, max_message_id:
     message_id = message.get("messageId")
     if not message_id:
         message["messageId"] = str(uuid.uuid4())
-    elif len(message_id) > max_message_id:
-        raise ItemRejected("invalid_field", f"messageId longer than {max_message_id} characters")
+    # Ids are index keys in every store: unbounded ones would fail a whole batch there.
+    for name in _ID_FIELDS:
+        value = message.get(name)
+        if value is not None and len(value) > max_message_id:
+            raise ItemRejected("invalid_field", f"{name} longer than {max_message_id} characters")
     message["type"] = message_type
     return message_type
 

@@ -43,9 +43,13 @@ class IdentityGraph(Protocol):
     def touch_session(self, session_id: str, at: float) -> None: ...
 
 
+# The longest address SMTP allows; a longer "email" is kept as a trait, not an identity.
+MAX_EMAIL_LENGTH = 254
+
+
 def email_identity(value: object) -> Identity | None:
     """An email as an identity, compared case-insensitively; None if it is not one."""
-    if isinstance(value, str) and "@" in value:
+    if isinstance(value, str) and "@" in value and len(value) <= MAX_EMAIL_LENGTH:
         return Identity("email", value.strip().lower())
     return None
 

@@ -815,3 +815,30 @@ def test_the_core_imports_no_web_framework() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("field", ["userId", "anonymousId", "groupId", "previousId"])
+def test_an_overlong_id_is_refused_alone_not_the_batch(collector: Collector, field: str) -> None:
+    # Ids are index keys; PostgreSQL cannot index ~2.7 KB, so unbounded ids would fail the
+    # whole batch there, forever. They are refused per event on every backend instead.
+    hostile = {"type": "group" if field == "groupId" else "alias" if field == "previousId"
+               else "track", "event": "Order Completed", "userId": "u", "groupId": "g",
+               "previousId": "p", field: "x" * 3000, "messageId": "hostile"}  # fmt: skip
+    body = {"writeKey": LIVE_KEY, "batch": [track(messageId="good"), hostile]}
+    response = send(collector, "/v1/batch", body)
+    assert response.status == 207
+    [error] = answer(response)["Errors"]
+    assert (error["index"], error["code"]) == (1, "invalid_field")
+    assert field in error["Message"]
+    assert [e["messageId"] for e in events(collector)] == ["good"]
+
+
+def test_an_overlong_email_trait_is_kept_but_is_not_an_identity(collector: Collector) -> None:
+    email = "a" * 300 + "@example.com"
+    body = {"writeKey": LIVE_KEY, "type": "identify", "userId": "u", "traits": {"email": email}}
+    assert send(collector, "/v1/identify", body).status == 200
+    [event] = collector.store.events()
+    assert event.profile_id is not None
+    profile = collector.store.profile(event.profile_id)
+    assert profile is not None and profile.traits["email"] == email
+    assert [identity.kind for identity in profile.identities] == ["user_id"]
