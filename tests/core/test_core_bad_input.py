@@ -805,11 +805,13 @@ def test_a_lone_surrogate_message_id_does_not_fail_the_sqlite_batch(tmp_path: Pa
 # -- the core is framework-free ----------------------------------------------------------
 
 
-def test_the_core_imports_no_web_framework() -> None:
+def test_the_core_imports_no_web_framework_and_no_backend_driver() -> None:
     code = (
-        "import fp_collect, fp_collect.dialects.segment, fp_collect.store.memory; import sys; "
+        "import fp_collect, fp_collect.dialects.segment, fp_collect.dialects.userevent, "
+        "fp_collect.store.memory, fp_collect.store.sqlite; import sys; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "{'starlette','werkzeug','flask','fastapi','django','uvicorn','anyio'}))"
+        "{'starlette','werkzeug','flask','fastapi','django','uvicorn','anyio',"
+        "'psycopg','psycopg_pool','redis'}))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
