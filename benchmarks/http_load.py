@@ -363,6 +363,7 @@ class Server:
     db: Path
     log: Path
     rss_kib: list[int] = field(default_factory=list)
+    cpu_share: dict[int, float] = field(default_factory=dict)  # thread id: share of a core
 
     @property
     def url(self) -> str:
@@ -456,9 +457,23 @@ def stored_events(db: Path) -> int:
         conn.close()
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time (user + system) of each thread of ``pid`` so far, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    times = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        times[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return times
+
+
 @contextmanager
-def sampling_rss(server: Server, every: float = 0.25) -> Iterator[None]:
-    """Sample the serving process's resident set size (VmRSS) while the block runs."""
+def sampling(server: Server, every: float = 0.25) -> Iterator[None]:
+    """While the block runs: sample the serving process's resident set size (VmRSS), and
+    measure the CPU time each of its threads used."""
     stop_event = threading.Event()
     pid = server.serving_pid()
 
@@ -473,12 +488,19 @@ def sampling_rss(server: Server, every: float = 0.25) -> Iterator[None]:
                 return
 
     thread = threading.Thread(target=sample, daemon=True)
+    before, began = thread_cpu_seconds(pid), time.monotonic()
     thread.start()
     try:
         yield
     finally:
+        after, wall = thread_cpu_seconds(pid), time.monotonic() - began
         stop_event.set()
         thread.join()
+        # The main thread (its id is the pid) first, then the others, e.g. the SQLite writer.
+        server.cpu_share = {
+            tid: (after[tid] - before.get(tid, 0.0)) / wall
+            for tid in sorted(after, key=lambda tid: (tid != pid, tid))
+        }
 
 
 @contextmanager
@@ -516,6 +538,12 @@ class Result:
     events_per_request: int
     stored: int | None  # events stored during the run, None for the bare apps
     rss_kib: list[int]
+    cpu_share: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def cpu(self) -> float:
+        """The server's CPU use during the run, as a share of one core."""
+        return sum(self.cpu_share.values())
 
     @property
     def req_per_s(self) -> float:
@@ -553,11 +581,11 @@ def run_case(
                 load(server.url, path, template, warmup)
                 time.sleep(0.5)  # let the warm-up's last commits land before counting
             before = stored_events(server.db) if case.stores else 0
-            with sampling_rss(server), profiling(server, case, profile, seconds, client_cpu):
+            with sampling(server), profiling(server, case, profile, seconds, client_cpu):
                 measured = load(server.url, path, template, seconds)
         # The server has stopped: everything it committed is in the file.
         stored = stored_events(server.db) - before if case.stores else None
-        return Result(case, measured, template.events, stored, server.rss_kib)
+        return Result(case, measured, template.events, stored, server.rss_kib, server.cpu_share)
 
 
 def ratio(value: float, base: float | None) -> str:
@@ -574,7 +602,7 @@ def table(results: list[Result]) -> str:
     header = (
         f"{'case':<28}{'req/s':>9}{'ev/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non2xx':>8}"
         f"{'sockerr':>8}{'stored':>10}{'durable':>9}{'x ceil':>8}{'x hand':>8}"
-        f"{'RSS MiB':>9}{'dRSS':>7}"
+        f"{'CPU%':>6}{'RSS MiB':>9}{'dRSS':>7}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -589,7 +617,7 @@ def table(results: list[Result]) -> str:
             f"{r.load.socket_errors:>8,}{'-' if r.stored is None else f'{r.stored:,}':>10}"
             f"{'-' if r.stored is None else ('ok' if not r.lost else f'LOST {r.lost}'):>9}"
             f"{ratio(r.req_per_s, ceiling):>8}{ratio(r.req_per_s, hand):>8}"
-            f"{(max(rss) / 1024 if rss else 0):>9.1f}"
+            f"{r.cpu:>6.0%}{(max(rss) / 1024 if rss else 0):>9.1f}"
             f"{((rss[-1] - rss[0]) / 1024 if rss else 0):>+7.1f}"
         )
     return "\n".join(lines)
@@ -679,6 +707,11 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
         )
     print()
     print(table(results))
+    if args.profile:
+        print("\nCPU by thread (main thread first), as a share of one core:")
+        for r in results:
+            shares = ", ".join(f"{share:.0%}" for share in r.cpu_share.values() if share >= 0.005)
+            print(f"  {r.case.name:<28}{shares}")
     lost = [r.case.name for r in results if r.lost]
     if lost:
         print(f"\nLOST EVENTS (answered 2xx, not stored): {', '.join(lost)}")

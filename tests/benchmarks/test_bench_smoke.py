@@ -49,8 +49,8 @@ def check_table(output: str, names: tuple[str, ...]) -> None:
     for name, row in rows.items():
         req_s, p50 = float(row[1].replace(",", "")), float(row[3])
         non_2xx, socket_errors = int(row[5].replace(",", "")), int(row[6].replace(",", ""))
-        rss = float(row[11])
-        assert req_s > 0 and p50 > 0 and rss > 0, row
+        cpu, rss = float(row[11].rstrip("%")), float(row[12])
+        assert req_s > 0 and p50 > 0 and cpu > 0 and rss > 0, row
         assert non_2xx == 0 and socket_errors == 0, row
         if "-fp-collect-" in name:
             events_s, stored = float(row[2].replace(",", "")), int(row[7].replace(",", ""))
