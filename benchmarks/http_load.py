@@ -82,8 +82,8 @@ QUICK_CASES = ("starlette-bare-track", "starlette-fp-collect-track", "flask-fp-c
 
 def track_item() -> dict[str, object]:
     """A track call as segment-analytics-python sends it (about 600 bytes), with the
-    placeholders the Lua script replaces: ``@@MID@@`` (a unique messageId) and
-    ``@@UID@@`` (the user's number)."""
+    placeholders the Lua script replaces: ``@@MID@@`` (a unique messageId, see
+    :func:`message_id`) and ``@@UID@@`` (the user's number)."""
     message = track_message(0)
     message["userId"] = "user-@@UID@@"
     message["messageId"] = "@@MID@@"
@@ -96,6 +96,13 @@ def track_item() -> dict[str, object]:
     )
     message["sentAt"] = "2026-11-23T10:00:00.456+00:00"
     return message
+
+
+def message_id(nonce: str, number: int) -> str:
+    """The run's nonce and the event's number, its 12 digits reversed: unique, and as
+    scattered over the key space as the random UUIDs real clients send (sequential ids
+    would make the store's unique index look cheaper than it is)."""
+    return f"{nonce}-{str(number).zfill(12)[::-1]}"
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ class Template:
         for number in range(first, first + self.events):
             out = [self.item_parts[0]]
             for kind, part in zip(self.item_kinds, self.item_parts[1:], strict=True):
-                out.append(f"{nonce}-{number}" if kind == "m" else str(number % USERS))
+                out.append(message_id(nonce, number) if kind == "m" else str(number % USERS))
                 out.append(part)
             items.append("".join(out))
         return (self.head + ",".join(items) + self.tail).encode()
@@ -162,7 +169,7 @@ function request()
     out[#out + 1] = parts[1]
     for i = 1, #kinds do
       if kinds[i] == "m" then
-        out[#out + 1] = nonce .. counter
+        out[#out + 1] = nonce .. string.reverse(string.format("%012d", counter))
       else
         out[#out + 1] = tostring(counter % users)
       end
@@ -364,6 +371,7 @@ class Server:
     log: Path
     rss_kib: list[int] = field(default_factory=list)
     cpu_share: dict[int, float] = field(default_factory=dict)  # thread id: share of a core
+    core_busy: float = 0.0  # how busy the server's core was, whoever used it
 
     @property
     def url(self) -> str:
@@ -383,10 +391,11 @@ class Server:
 
 
 @contextmanager
-def serve(case: Case, cpu: int, workdir: Path, synchronous: str) -> Iterator[Server]:
+def serve(case: Case, cpu: int, workdir: Path, synchronous: str, store: str) -> Iterator[Server]:
     port = free_port()
     db, log = workdir / f"{case.name}.db", workdir / f"{case.name}.log"
     env = {**os.environ, "FP_BENCH_DB": str(db), "FP_BENCH_SYNCHRONOUS": synchronous}
+    env["FP_BENCH_STORE"] = store
     env.pop("PYTHONPATH", None)
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -470,10 +479,19 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return times
 
 
+def core_busy_seconds(cpu: int) -> float:
+    """Seconds CPU ``cpu`` has spent busy (not idle, not waiting for I/O) since boot."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
+            return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 @contextmanager
-def sampling(server: Server, every: float = 0.25) -> Iterator[None]:
-    """While the block runs: sample the serving process's resident set size (VmRSS), and
-    measure the CPU time each of its threads used."""
+def sampling(server: Server, cpu: int, every: float = 0.25) -> Iterator[None]:
+    """While the block runs: sample the serving process's resident set size (VmRSS),
+    measure the CPU time each of its threads used, and how busy its core was."""
     stop_event = threading.Event()
     pid = server.serving_pid()
 
@@ -488,12 +506,13 @@ def sampling(server: Server, every: float = 0.25) -> Iterator[None]:
                 return
 
     thread = threading.Thread(target=sample, daemon=True)
-    before, began = thread_cpu_seconds(pid), time.monotonic()
+    before, began, busy = thread_cpu_seconds(pid), time.monotonic(), core_busy_seconds(cpu)
     thread.start()
     try:
         yield
     finally:
         after, wall = thread_cpu_seconds(pid), time.monotonic() - began
+        server.core_busy = (core_busy_seconds(cpu) - busy) / wall
         stop_event.set()
         thread.join()
         # The main thread (its id is the pid) first, then the others, e.g. the SQLite writer.
@@ -539,6 +558,9 @@ class Result:
     stored: int | None  # events stored during the run, None for the bare apps
     rss_kib: list[int]
     cpu_share: dict[int, float] = field(default_factory=dict)
+    # CPU that other processes took on the server's core during the run (a shared machine):
+    # more than a few percent and the row's figures are too low.
+    others: float = 0.0
 
     @property
     def cpu(self) -> float:
@@ -570,21 +592,27 @@ def run_case(
     client_cpu: int = 1,
     warmup: float = 0.0,
     synchronous: str = "FULL",
+    store: str = "sqlite",
     profile: Path | None = None,
 ) -> Result:
     template = make_template(case.endpoint)
     path = f"{PREFIX}/v1/{case.endpoint}"
     with tempfile.TemporaryDirectory(prefix="fp-bench-") as tmp:
         workdir = Path(tmp)
-        with serve(case, server_cpu, workdir, synchronous) as server:
+        # fp-collect on memory:// (a diagnosis) keeps nothing that could be counted.
+        stores = case.stores and not (store == "memory" and case.app == "fp-collect")
+        with serve(case, server_cpu, workdir, synchronous, store) as server:
             if warmup:
                 load(server.url, path, template, warmup)
                 time.sleep(0.5)  # let the warm-up's last commits land before counting
-            before = stored_events(server.db) if case.stores else 0
-            with sampling(server), profiling(server, case, profile, seconds, client_cpu):
+            before = stored_events(server.db) if stores else 0
+            with (
+                sampling(server, server_cpu),
+                profiling(server, case, profile, seconds, client_cpu),
+            ):
                 measured = load(server.url, path, template, seconds)
         # The server has stopped: everything it committed is in the file.
-        stored = stored_events(server.db) - before if case.stores else None
+        stored = stored_events(server.db) - before if stores else None
         return Result(case, measured, template.events, stored, server.rss_kib, server.cpu_share)
 
 
@@ -602,7 +630,7 @@ def table(results: list[Result]) -> str:
     header = (
         f"{'case':<28}{'req/s':>9}{'ev/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non2xx':>8}"
         f"{'sockerr':>8}{'stored':>10}{'durable':>9}{'x ceil':>8}{'x hand':>8}"
-        f"{'CPU%':>6}{'RSS MiB':>9}{'dRSS':>7}"
+        f"{'CPU%':>6}{'other%':>7}{'RSS MiB':>9}{'dRSS':>7}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -617,13 +645,13 @@ def table(results: list[Result]) -> str:
             f"{r.load.socket_errors:>8,}{'-' if r.stored is None else f'{r.stored:,}':>10}"
             f"{'-' if r.stored is None else ('ok' if not r.lost else f'LOST {r.lost}'):>9}"
             f"{ratio(r.req_per_s, ceiling):>8}{ratio(r.req_per_s, hand):>8}"
-            f"{r.cpu:>6.0%}{(max(rss) / 1024 if rss else 0):>9.1f}"
+            f"{r.cpu:>6.0%}{r.others:>7.0%}{(max(rss) / 1024 if rss else 0):>9.1f}"
             f"{((rss[-1] - rss[0]) / 1024 if rss else 0):>+7.1f}"
         )
     return "\n".join(lines)
 
 
-def describe(seconds: float, synchronous: str, generator: str) -> str:
+def describe(seconds: float, synchronous: str, store: str, generator: str) -> str:
     track, batch = make_template("track"), make_template("batch")
     size = len(track.render(1, "0123456789ab"))
     batch_size = len(batch.render(1, "0123456789ab"))
@@ -639,7 +667,12 @@ def describe(seconds: float, synchronous: str, generator: str) -> str:
         f"track body {size} B; batch {BATCH_SIZE} events, {batch_size:,} B;"
         f" SQLite {sqlite3.sqlite_version} WAL synchronous={synchronous}\n"
         f"{', '.join(versions)}, Python {platform.python_version()}\n"
-        f"uvicorn {' '.join(uvicorn_options())} | gunicorn {' '.join(gunicorn_options())}"
+        + (
+            "fp-collect on memory:// -- NOT durable, a diagnosis of what SQLite costs\n"
+            if store == "memory"
+            else ""
+        )
+        + f"uvicorn {' '.join(uvicorn_options())} | gunicorn {' '.join(gunicorn_options())}"
     )
 
 
@@ -665,6 +698,12 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
     parser.add_argument(
         "--synchronous", choices=("FULL", "NORMAL"), default="FULL", help="SQLite synchronous"
     )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "memory"),
+        default="sqlite",
+        help="fp-collect's store; memory:// is not durable (diagnosis only)",
+    )
     parser.add_argument("--profile", type=Path, help="py-spy the fp-collect servers into DIR")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
@@ -689,7 +728,7 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
         generator = "a Python load generator, NOT wrk"
     # The harness itself (RSS sampling, readiness probes) stays off the server's core.
     os.sched_setaffinity(0, {args.client_cpu})
-    print(describe(seconds, args.synchronous, generator), flush=True)
+    print(describe(seconds, args.synchronous, args.store, generator), flush=True)
     results = []
     for case in cases:
         print(f"  {case.name} ...", file=sys.stderr, flush=True)
@@ -702,6 +741,7 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
                 client_cpu=args.client_cpu,
                 warmup=0.0 if args.quick else 1.0,
                 synchronous=args.synchronous,
+                store=args.store,
                 profile=args.profile,
             )
         )

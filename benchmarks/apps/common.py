@@ -2,7 +2,8 @@
 
 ``FP_BENCH_DB`` names the SQLite file and ``FP_BENCH_SYNCHRONOUS`` (``FULL``, the
 default, or ``NORMAL``) its ``synchronous`` setting, for fp-collect and the hand-written
-handler alike.
+handler alike. ``FP_BENCH_STORE=memory`` gives fp-collect its in-memory store instead: not
+durable, only to measure what everything but SQLite costs.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ def synchronous() -> Literal["FULL", "NORMAL"]:
 def collector() -> Collector:
     """The collector every fp-collect app mounts: the store ``sqlite:///$FP_BENCH_DB``
     opens (built directly only so that ``synchronous`` can be chosen)."""
-    return Collector(
-        prefix="/collect",
-        sources=[Source(write_key=WRITE_KEY, id="bench")],
-        store=SQLiteStore(os.environ["FP_BENCH_DB"], synchronous=synchronous()),
-    )
+    sources = [Source(write_key=WRITE_KEY, id="bench")]
+    if os.environ.get("FP_BENCH_STORE") == "memory":
+        return Collector(prefix="/collect", sources=sources, storage="memory://")
+    store = SQLiteStore(os.environ["FP_BENCH_DB"], synchronous=synchronous())
+    return Collector(prefix="/collect", sources=sources, store=store)
 
 
 def open_handwritten_db() -> sqlite3.Connection:

@@ -49,7 +49,7 @@ def check_table(output: str, names: tuple[str, ...]) -> None:
     for name, row in rows.items():
         req_s, p50 = float(row[1].replace(",", "")), float(row[3])
         non_2xx, socket_errors = int(row[5].replace(",", "")), int(row[6].replace(",", ""))
-        cpu, rss = float(row[11].rstrip("%")), float(row[12])
+        cpu, rss = float(row[11].rstrip("%")), float(row[13])
         assert req_s > 0 and p50 > 0 and cpu > 0 and rss > 0, row
         assert non_2xx == 0 and socket_errors == 0, row
         if "-fp-collect-" in name:
