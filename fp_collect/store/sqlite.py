@@ -278,15 +278,30 @@ class SQLiteStore(Store):
         ]
         if not group:
             return
-        results: list[tuple[Future[list[Outcome]], list[Outcome] | BaseException]] = []
+        results: list[tuple[Future[list[Outcome]], list[Outcome] | BaseException]]
         try:
             if self._conn is None:
                 self._conn = self._connect()
                 self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
-            for batch, future in group:
-                results.append((future, self._apply_in_savepoint(conn, batch)))
+            try:
+                # Optimistically, the whole group in one transaction with no savepoints:
+                # they cost two statements per batch, and a batch almost never fails.
+                graph = _SQLGraph(conn)
+                results = [(future, self._apply(conn, graph, batch)) for batch, future in group]
+            except Exception:
+                if not conn.in_transaction:
+                    raise  # SQLite rolled the transaction back itself (disk full, I/O)
+                # Some batch failed: start over with one savepoint per batch, so that it
+                # fails alone and the rest of the group still commits.
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                graph = _SQLGraph(conn)
+                results = [
+                    (future, self._apply_in_savepoint(conn, graph, batch))
+                    for batch, future in group
+                ]
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - any failure here must reach every caller
             if self._conn is not None:
@@ -302,11 +317,11 @@ class SQLiteStore(Store):
                 future.set_result(result)
 
     def _apply_in_savepoint(
-        self, conn: sqlite3.Connection, batch: Batch
+        self, conn: sqlite3.Connection, graph: _SQLGraph, batch: Batch
     ) -> list[Outcome] | BaseException:
         conn.execute("SAVEPOINT batch")
         try:
-            outcomes = self._apply(conn, batch)
+            outcomes = self._apply(conn, graph, batch)
         except Exception as exc:  # reported on this batch's future only
             if not conn.in_transaction:
                 # Some errors (disk full, I/O) make SQLite roll back the whole
@@ -314,12 +329,13 @@ class SQLiteStore(Store):
                 raise
             conn.execute("ROLLBACK TO batch")
             conn.execute("RELEASE batch")
+            graph.forget()  # it may remember rows that were just rolled back
             return _unavailable(f"batch not stored: {exc}", exc)
         conn.execute("RELEASE batch")
         return outcomes
 
-    def _apply(self, conn: sqlite3.Connection, batch: Batch) -> list[Outcome]:
-        outcomes = [self._apply_event(conn, event) for event in batch.events]
+    def _apply(self, conn: sqlite3.Connection, graph: _SQLGraph, batch: Batch) -> list[Outcome]:
+        outcomes = [self._apply_event(conn, graph, event) for event in batch.events]
         refused = [
             RejectionRecord(
                 source_id=event.source_id,
@@ -342,7 +358,9 @@ class SQLiteStore(Store):
             conn.executemany(_INSERT_REJECTION, rows)
         return outcomes
 
-    def _apply_event(self, conn: sqlite3.Connection, event: EventRecord) -> Outcome:
+    def _apply_event(
+        self, conn: sqlite3.Connection, graph: _SQLGraph, event: EventRecord
+    ) -> Outcome:
         blocked_by: str | None = None
         for claim in event.claims:
             row = conn.execute(
@@ -365,7 +383,6 @@ class SQLiteStore(Store):
                 return Outcome(False, blocked_by)
         profile_id = session_id = None
         if event.identity is not None:
-            graph = _SQLGraph(conn)
             profile_id = resolve_profile(graph, event.identity)
             if profile_id is None:
                 return UNKNOWN_USER
@@ -493,23 +510,45 @@ def _unavailable(message: str, cause: BaseException) -> StoreUnavailable:
 
 
 class _SQLGraph:
-    """The identity primitives over one connection, inside the writer's transaction."""
+    """The identity primitives over one connection, inside one transaction.
+
+    Within a write transaction (BEGIN IMMEDIATE) no other connection can change the
+    file, so who owns an identity and where a profile was merged can be remembered until
+    the transaction ends: identity resolution asks for each owner twice, and a visitor's
+    events often come in the same group. Our own writes keep the memo current;
+    :meth:`forget` after a rollback to a savepoint. A read-only graph (``profile``) uses
+    a fresh instance per read.
+    """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self._owners: dict[tuple[str, str, str], str | None] = {}
+        self._canonical: dict[str, str | None] = {}
+
+    def forget(self) -> None:
+        self._owners.clear()
+        self._canonical.clear()
 
     def _one(self, sql: str, params: tuple[object, ...]) -> Any:
         row = self.conn.execute(sql, params).fetchone()
         return None if row is None else row[0]
 
     def owner(self, scope: str, identity: Identity) -> str | None:
+        key = (scope, identity.kind, identity.value)
+        if key in self._owners:
+            return self._owners[key]
         owner: str | None = self._one(
-            "SELECT profile_id FROM identities WHERE scope = ? AND kind = ? AND value = ?",
-            (scope, identity.kind, identity.value),
+            "SELECT profile_id FROM identities WHERE scope = ? AND kind = ? AND value = ?", key
         )
+        self._owners[key] = owner
         return owner
 
     def canonical(self, profile_id: str) -> str | None:
+        if profile_id not in self._canonical:
+            self._canonical[profile_id] = self._follow_merges(profile_id)
+        return self._canonical[profile_id]
+
+    def _follow_merges(self, profile_id: str) -> str | None:
         current: str | None = profile_id
         while current is not None:
             row = self.conn.execute(
@@ -531,12 +570,15 @@ class _SQLGraph:
             "INSERT INTO profiles (id, scope, created_at, traits) VALUES (?, ?, ?, '{}')",
             (profile_id, scope, at),
         )
+        self._canonical[profile_id] = profile_id
 
     def attach(self, scope: str, identity: Identity, profile_id: str) -> None:
+        key = (scope, identity.kind, identity.value)
         self.conn.execute(
             "INSERT INTO identities (scope, kind, value, profile_id) VALUES (?, ?, ?, ?)",
-            (scope, identity.kind, identity.value, profile_id),
+            (*key, profile_id),
         )
+        self._owners[key] = profile_id
 
     def merge(self, survivor: str, merged: str) -> None:
         self.conn.execute(
@@ -549,6 +591,12 @@ class _SQLGraph:
         kept = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (survivor,)))
         self._write_traits(survivor, {**gone, **kept})
         self.conn.execute("UPDATE profiles SET merged_into = ? WHERE id = ?", (survivor, merged))
+        # As the UPDATEs above did: the merged profile's identities now name the survivor,
+        # and whatever led to the merged profile now leads on to the survivor.
+        for key, owner in self._owners.items():
+            if owner == merged:
+                self._owners[key] = survivor
+        self._canonical.clear()
 
     def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
         current = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (profile_id,)))
