@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -71,6 +72,7 @@ BATCH_SIZE = 100
 USERS = 10_000  # distinct userIds cycled through, so profiles are both made and found
 CONNECTIONS = 64
 WRK_MISSING = 3  # exit status when wrk is missing and cannot be installed
+NOISE = 0.10  # other processes' share of a benchmark core above which a row is flagged
 FRAMEWORKS = ("starlette", "flask")
 APP_KINDS = ("bare", "handwritten", "fp-collect")
 ENDPOINTS = ("track", "batch")
@@ -372,6 +374,7 @@ class Server:
     rss_kib: list[int] = field(default_factory=list)
     cpu_share: dict[int, float] = field(default_factory=dict)  # thread id: share of a core
     core_busy: float = 0.0  # how busy the server's core was, whoever used it
+    client_others: float = 0.0  # CPU others took on the load generator's core
 
     @property
     def url(self) -> str:
@@ -488,10 +491,20 @@ def core_busy_seconds(cpu: int) -> float:
     return 0.0
 
 
+def own_cpu_seconds() -> float:
+    """CPU time of this process and of its children waited for so far (wrk, py-spy)."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 @contextmanager
-def sampling(server: Server, cpu: int, every: float = 0.25) -> Iterator[None]:
+def sampling(server: Server, cpu: int, client_cpu: int, every: float = 0.25) -> Iterator[None]:
     """While the block runs: sample the serving process's resident set size (VmRSS),
-    measure the CPU time each of its threads used, and how busy its core was."""
+    measure the CPU time each of its threads used, and how much of each core other
+    processes took (this machine may be shared: their load skews the figures)."""
     stop_event = threading.Event()
     pid = server.serving_pid()
 
@@ -506,13 +519,22 @@ def sampling(server: Server, cpu: int, every: float = 0.25) -> Iterator[None]:
                 return
 
     thread = threading.Thread(target=sample, daemon=True)
-    before, began, busy = thread_cpu_seconds(pid), time.monotonic(), core_busy_seconds(cpu)
+    before, began = thread_cpu_seconds(pid), time.monotonic()
+    busy, client_busy, ours = (
+        core_busy_seconds(cpu),
+        core_busy_seconds(client_cpu),
+        own_cpu_seconds(),
+    )
     thread.start()
     try:
         yield
     finally:
         after, wall = thread_cpu_seconds(pid), time.monotonic() - began
         server.core_busy = (core_busy_seconds(cpu) - busy) / wall
+        # On the load generator's core: everything but wrk and this script.
+        server.client_others = (
+            core_busy_seconds(client_cpu) - client_busy - (own_cpu_seconds() - ours)
+        ) / wall
         stop_event.set()
         thread.join()
         # The main thread (its id is the pid) first, then the others, e.g. the SQLite writer.
@@ -558,9 +580,10 @@ class Result:
     stored: int | None  # events stored during the run, None for the bare apps
     rss_kib: list[int]
     cpu_share: dict[int, float] = field(default_factory=dict)
-    # CPU that other processes took on the server's core during the run (a shared machine):
-    # more than a few percent and the row's figures are too low.
+    # CPU that other processes took on the server's core, and on the load generator's,
+    # during the run (a shared machine): more than a few percent, and the row is skewed.
     others: float = 0.0
+    client_others: float = 0.0
 
     @property
     def cpu(self) -> float:
@@ -607,13 +630,22 @@ def run_case(
                 time.sleep(0.5)  # let the warm-up's last commits land before counting
             before = stored_events(server.db) if stores else 0
             with (
-                sampling(server, server_cpu),
+                sampling(server, server_cpu, client_cpu),
                 profiling(server, case, profile, seconds, client_cpu),
             ):
                 measured = load(server.url, path, template, seconds)
         # The server has stopped: everything it committed is in the file.
         stored = stored_events(server.db) - before if stores else None
-        return Result(case, measured, template.events, stored, server.rss_kib, server.cpu_share)
+        return Result(
+            case,
+            measured,
+            template.events,
+            stored,
+            server.rss_kib,
+            server.cpu_share,
+            others=max(0.0, server.core_busy - sum(server.cpu_share.values())),
+            client_others=max(0.0, server.client_others),
+        )
 
 
 def ratio(value: float, base: float | None) -> str:
@@ -630,7 +662,7 @@ def table(results: list[Result]) -> str:
     header = (
         f"{'case':<28}{'req/s':>9}{'ev/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non2xx':>8}"
         f"{'sockerr':>8}{'stored':>10}{'durable':>9}{'x ceil':>8}{'x hand':>8}"
-        f"{'CPU%':>6}{'other%':>7}{'RSS MiB':>9}{'dRSS':>7}"
+        f"{'CPU%':>6}{'others%':>9}{'RSS MiB':>9}{'dRSS':>7}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -645,7 +677,8 @@ def table(results: list[Result]) -> str:
             f"{r.load.socket_errors:>8,}{'-' if r.stored is None else f'{r.stored:,}':>10}"
             f"{'-' if r.stored is None else ('ok' if not r.lost else f'LOST {r.lost}'):>9}"
             f"{ratio(r.req_per_s, ceiling):>8}{ratio(r.req_per_s, hand):>8}"
-            f"{r.cpu:>6.0%}{r.others:>7.0%}{(max(rss) / 1024 if rss else 0):>9.1f}"
+            f"{r.cpu:>6.0%}{f'{r.others:.0%}/{r.client_others:.0%}':>9}"
+            f"{(max(rss) / 1024 if rss else 0):>9.1f}"
             f"{((rss[-1] - rss[0]) / 1024 if rss else 0):>+7.1f}"
         )
     return "\n".join(lines)
@@ -752,6 +785,14 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
         for r in results:
             shares = ", ".join(f"{share:.0%}" for share in r.cpu_share.values() if share >= 0.005)
             print(f"  {r.case.name:<28}{shares}")
+    skewed = [r.case.name for r in results if max(r.others, r.client_others) > NOISE]
+    if skewed:
+        print(
+            f"\nWARNING: other processes took more than {NOISE:.0%} of the server's or the"
+            f" load generator's core during {', '.join(skewed)} (the others% column):"
+            " those figures are too low, and ratios against them unreliable. Rerun on a"
+            " quiet machine."
+        )
     lost = [r.case.name for r in results if r.lost]
     if lost:
         print(f"\nLOST EVENTS (answered 2xx, not stored): {', '.join(lost)}")
