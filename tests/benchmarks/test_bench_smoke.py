@@ -44,7 +44,8 @@ def check_table(output: str, names: tuple[str, ...]) -> None:
     """Every quick case has a row with sane, non-zero figures (never a speed bound)."""
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("case "))
-    rows = {line.split()[0]: line.split() for line in lines[start + 2 :] if line.strip()}
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    rows = {line.split()[0]: line.split() for line in lines[start + 2 : end]}
     assert tuple(rows) == names
     for name, row in rows.items():
         req_s, p50 = float(row[1].replace(",", "")), float(row[3])
