@@ -225,3 +225,30 @@ def test_identities_resolve_alike_in_one_group_and_one_by_one(tmp_path: Path) ->
         assert [got[5][0].profile_id, got[5][1].profile_id] == ["PR-m1", "PR-m1"]  # type: ignore[index]
         for profile_id in ("PR-m1", "PR-m2", "PR-m4"):
             assert store.profile(profile_id) == reference.profile(profile_id)
+
+
+def test_duplicates_are_found_within_one_group(tmp_path: Path) -> None:
+    """The writer looks a group's message ids up at once: ids stored before the group,
+    repeated within a batch, or written earlier in the group by a batch with claims
+    (written one event at a time) are all duplicates."""
+    path = tmp_path / "t.db"
+    claim = Claim("order_id", "o-1", at=1.0)
+    with SQLiteStore(path) as store:
+        assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+        blocker = _hold_write_lock(path)  # so that every batch lands in one group
+        futures = [
+            store.submit(Batch(events=[event("m1")])),
+            store.submit(Batch(events=[event("m2"), event("m2")])),
+            store.submit(Batch(events=[event("m3", claims=(claim,))])),
+            store.submit(Batch(events=[event("m3"), event("m4")])),
+        ]
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert [future.result(TIMEOUT) for future in futures] == [
+            [DUPLICATE],
+            [STORED, DUPLICATE],
+            [STORED],
+            [DUPLICATE, STORED],
+        ]
+        assert [row.message_id for row in store.events()] == ["m1", "m2", "m3", "m4"]
+        assert [r.reason for r in store.rejections()] == ["duplicate_message_id"] * 3
