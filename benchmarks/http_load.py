@@ -780,11 +780,14 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
         )
     print()
     print(table(results))
-    if args.profile:
-        print("\nCPU by thread (main thread first), as a share of one core:")
-        for r in results:
-            shares = ", ".join(f"{share:.0%}" for share in r.cpu_share.values() if share >= 0.005)
-            print(f"  {r.case.name:<28}{shares}")
+    print("\nServer CPU per request by thread (main thread first; then e.g. the SQLite writer):")
+    for r in results:
+        per_request = [
+            f"{share / r.req_per_s * 1e6:,.0f} us ({share:.0%})"
+            for share in r.cpu_share.values()
+            if share >= 0.005 and r.req_per_s
+        ]
+        print(f"  {r.case.name:<28}{', '.join(per_request)}")
     skewed = [r.case.name for r in results if max(r.others, r.client_others) > NOISE]
     if skewed:
         print(
