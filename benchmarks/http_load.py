@@ -46,6 +46,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -648,40 +649,57 @@ def run_case(
         )
 
 
-def ratio(value: float, base: float | None) -> str:
-    return f"{value / base:.2f}" if base else "-"
+def table(rounds: list[list[Result]]) -> str:
+    """One row per case. With several rounds (``--repeat``), a row shows the round with
+    the median req/s, ``spread`` how far the rounds' req/s lay apart (half the range,
+    relative to that median), and each ratio is the median of the ratios measured within
+    one round, so that both sides of a ratio ran minutes apart at most."""
+    names = [r.case.name for r in rounds[0]]
+    by_round = [{r.case.name: r for r in results} for results in rounds]
 
-
-def table(results: list[Result]) -> str:
-    by_name = {r.case.name: r for r in results}
-
-    def rps(framework: str, app: str, endpoint: str) -> float | None:
-        found = by_name.get(f"{framework}-{app}-{endpoint}")
-        return found.req_per_s if found else None
+    def median_ratio(case: Case, app: str) -> float | None:
+        base_name = f"{case.framework}-{app}-{case.endpoint}"
+        ratios = [
+            found[case.name].req_per_s / found[base_name].req_per_s
+            for found in by_round
+            if base_name in found and found[base_name].req_per_s
+        ]
+        return statistics.median(ratios) if ratios else None
 
     header = (
-        f"{'case':<28}{'req/s':>9}{'ev/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non2xx':>8}"
-        f"{'sockerr':>8}{'stored':>10}{'durable':>9}{'x ceil':>8}{'x hand':>8}"
+        f"{'case':<28}{'req/s':>9}{'spread':>8}{'ev/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'non2xx':>8}{'sockerr':>8}{'stored':>10}{'durable':>9}{'x ceil':>8}{'x hand':>8}"
         f"{'CPU%':>6}{'others%':>9}{'RSS MiB':>9}{'dRSS':>7}"
     )
     lines = [header, "-" * len(header)]
-    for r in results:
-        c = r.case
-        ceiling = rps(c.framework, "bare", c.endpoint) if c.app != "bare" else None
-        hand = rps(c.framework, "handwritten", c.endpoint) if c.app == "fp-collect" else None
+    for name in names:
+        runs = sorted((found[name] for found in by_round), key=lambda r: r.req_per_s)
+        r, c = representative(runs), runs[0].case
+        spread = (runs[-1].req_per_s - runs[0].req_per_s) / 2 / r.req_per_s if r.req_per_s else 0
+        ceiling = median_ratio(c, "bare") if c.app != "bare" else None
+        hand = median_ratio(c, "handwritten") if c.app == "fp-collect" else None
         eps = r.events_per_s
         rss = r.rss_kib
+        lost = sum(run.lost for run in runs)
         lines.append(
-            f"{c.name:<28}{r.req_per_s:>9,.0f}{'-' if eps is None else f'{eps:,.0f}':>10}"
+            f"{c.name:<28}{r.req_per_s:>9,.0f}{f'±{spread:.0%}' if len(runs) > 1 else '-':>8}"
+            f"{'-' if eps is None else f'{eps:,.0f}':>10}"
             f"{r.load.p50_ms:>9.1f}{r.load.p99_ms:>9.1f}{r.load.not_ok:>8,}"
             f"{r.load.socket_errors:>8,}{'-' if r.stored is None else f'{r.stored:,}':>10}"
-            f"{'-' if r.stored is None else ('ok' if not r.lost else f'LOST {r.lost}'):>9}"
-            f"{ratio(r.req_per_s, ceiling):>8}{ratio(r.req_per_s, hand):>8}"
+            f"{'-' if r.stored is None else ('ok' if not lost else f'LOST {lost}'):>9}"
+            f"{'-' if ceiling is None else f'{ceiling:.2f}':>8}"
+            f"{'-' if hand is None else f'{hand:.2f}':>8}"
             f"{r.cpu:>6.0%}{f'{r.others:.0%}/{r.client_others:.0%}':>9}"
             f"{(max(rss) / 1024 if rss else 0):>9.1f}"
             f"{((rss[-1] - rss[0]) / 1024 if rss else 0):>+7.1f}"
         )
     return "\n".join(lines)
+
+
+def representative(runs: list[Result]) -> Result:
+    """The run with the median req/s (the lower middle one of an even number)."""
+    ordered = sorted(runs, key=lambda r: r.req_per_s)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def describe(seconds: float, synchronous: str, store: str, generator: str) -> str:
@@ -727,6 +745,12 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, help="seconds per case (default 10; 1 quick)")
     parser.add_argument("--quick", action="store_true", help="the CI smoke: 3 cases, 1 s each")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds over all cases; medians are shown (3 on a shared machine)",
+    )
     parser.add_argument("--only", help="comma-separated case names or globs, e.g. 'flask-*'")
     parser.add_argument(
         "--synchronous", choices=("FULL", "NORMAL"), default="FULL", help="SQLite synchronous"
@@ -762,33 +786,39 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
     # The harness itself (RSS sampling, readiness probes) stays off the server's core.
     os.sched_setaffinity(0, {args.client_cpu})
     print(describe(seconds, args.synchronous, args.store, generator), flush=True)
-    results = []
-    for case in cases:
-        print(f"  {case.name} ...", file=sys.stderr, flush=True)
-        results.append(
-            run_case(
-                case,
-                load,
-                seconds,
-                server_cpu=args.server_cpu,
-                client_cpu=args.client_cpu,
-                warmup=0.0 if args.quick else 1.0,
-                synchronous=args.synchronous,
-                store=args.store,
-                profile=args.profile,
+    rounds: list[list[Result]] = []
+    for round_number in range(args.repeat):
+        results = []
+        for case in cases:
+            where = f" (round {round_number + 1} of {args.repeat})" if args.repeat > 1 else ""
+            print(f"  {case.name}{where} ...", file=sys.stderr, flush=True)
+            results.append(
+                run_case(
+                    case,
+                    load,
+                    seconds,
+                    server_cpu=args.server_cpu,
+                    client_cpu=args.client_cpu,
+                    warmup=0.0 if args.quick else 1.0,
+                    synchronous=args.synchronous,
+                    store=args.store,
+                    profile=args.profile,
+                )
             )
-        )
+        rounds.append(results)
     print()
-    print(table(results))
+    print(table(rounds))
     print("\nServer CPU per request by thread (main thread first; then e.g. the SQLite writer):")
-    for r in results:
+    for runs in zip(*rounds, strict=True):
+        r = representative(list(runs))
         per_request = [
             f"{share / r.req_per_s * 1e6:,.0f} us ({share:.0%})"
             for share in r.cpu_share.values()
             if share >= 0.005 and r.req_per_s
         ]
         print(f"  {r.case.name:<28}{', '.join(per_request)}")
-    skewed = [r.case.name for r in results if max(r.others, r.client_others) > NOISE]
+    everything = [r for results in rounds for r in results]
+    skewed = sorted({r.case.name for r in everything if max(r.others, r.client_others) > NOISE})
     if skewed:
         print(
             f"\nWARNING: other processes took more than {NOISE:.0%} of the server's or the"
@@ -796,7 +826,7 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
             " those figures are too low, and ratios against them unreliable. Rerun on a"
             " quiet machine."
         )
-    lost = [r.case.name for r in results if r.lost]
+    lost = sorted({r.case.name for r in everything if r.lost})
     if lost:
         print(f"\nLOST EVENTS (answered 2xx, not stored): {', '.join(lost)}")
         return 1
