@@ -563,14 +563,20 @@ def _event_row(event: EventRecord, profile_id: str | None, session_id: str | Non
     )
 
 
-# Values per "IN (...)" list: far below SQLite's limit on parameters (32,766 since 3.32).
-_IN_CHUNK = 500
+# The lengths an "IN (...)" list is padded to (by repeating its last value): each length
+# is a distinct statement, and a few of them stay in the connection's statement cache
+# where one per group size would push out every other statement. The largest is far
+# below SQLite's limit on parameters (32,766 since 3.32).
+_IN_SIZES = (1, 4, 16, 64, 256)
 
 
 def _chunks(values: set[str]) -> Iterator[list[str]]:
     ordered = sorted(values)  # neighbours in the index: fewer pages visited
-    for start in range(0, len(ordered), _IN_CHUNK):
-        yield ordered[start : start + _IN_CHUNK]
+    largest = _IN_SIZES[-1]
+    for start in range(0, len(ordered), largest):
+        chunk = ordered[start : start + largest]
+        size = next(size for size in _IN_SIZES if size >= len(chunk))
+        yield chunk + [chunk[-1]] * (size - len(chunk))
 
 
 def _marks(values: list[str]) -> str:
