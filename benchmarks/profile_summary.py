@@ -94,20 +94,23 @@ def main() -> None:
     print(f"{total} on-CPU samples = {total / possible:.0%} of one core over {args.seconds:g} s")
 
     threads: Counter[str] = Counter()
-    stages: Counter[str] = Counter()
+    stages: dict[str, Counter[str]] = {}
     lines: Counter[str] = Counter()
     for stack, n in samples:
         thread = stack[0].split(": ", 1)[-1] if stack[0].startswith("thread") else "?"
-        threads["sqlite writer" if "fp-collect-sqlite" in thread else "main (event loop)"] += n
-        stages[stage_of(stack)] += n
+        name = "sqlite writer" if "fp-collect-sqlite" in thread else "main (event loop)"
+        threads[name] += n
+        stages.setdefault(name, Counter())[stage_of(stack)] += n
         lines[stack[-1]] += n
 
-    print("\nthreads")
+    print("\nthreads (py-spy counts a thread waiting on disk I/O, e.g. in COMMIT, as active)")
     for name, n in threads.most_common():
         print(f"  {n / total:6.1%}  {name}")
-    print("\nstages (each sample counted once, in the deepest stage on its stack)")
-    for name, n in stages.most_common():
-        print(f"  {n / total:6.1%}  {name}")
+    for name, counts in stages.items():
+        print(f"\nstages of the {name} thread, as shares of its samples")
+        print("(each sample counted once, in the deepest stage on its stack)")
+        for stage, n in counts.most_common():
+            print(f"  {n / threads[name]:6.1%}  {stage}")
     print(f"\nself time, top {args.top} lines")
     for frame, n in lines.most_common(args.top):
         print(f"  {n / total:6.1%}  {source(frame)}")
