@@ -285,15 +285,36 @@ class SQLiteStore(Store):
         ]
         if not group:
             return
-        results: list[tuple[Future[list[Outcome]], list[Outcome] | BaseException]] = []
+        results: list[tuple[Future[list[Outcome]], list[Outcome] | BaseException]]
         try:
             if self._conn is None:
                 self._conn = self._connect()
                 self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
-            for batch, future in group:
-                results.append((future, self._apply_in_savepoint(conn, batch)))
+            try:
+                # Optimistically: the whole group in one transaction without savepoints
+                # (two statements per batch, and a batch almost never fails); what its
+                # events need to know -- which message ids are stored, who owns their
+                # identities -- looked up set-wise; each batch's events inserted at once.
+                graph = _SQLGraph(conn)
+                stored = _prefetch(conn, graph, [batch for batch, _ in group])
+                results = [
+                    (future, self._apply_fast(conn, graph, stored, batch))
+                    for batch, future in group
+                ]
+            except Exception:
+                if not conn.in_transaction:
+                    raise  # SQLite rolled the transaction back itself (disk full, I/O)
+                # Some batch failed: start over, one event at a time and one savepoint per
+                # batch, so that it fails alone and the rest of the group still commits.
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                graph = _SQLGraph(conn)
+                results = [
+                    (future, self._apply_in_savepoint(conn, graph, batch))
+                    for batch, future in group
+                ]
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - any failure here must reach every caller
             if self._conn is not None:
@@ -309,11 +330,11 @@ class SQLiteStore(Store):
                 future.set_result(result)
 
     def _apply_in_savepoint(
-        self, conn: sqlite3.Connection, batch: Batch
+        self, conn: sqlite3.Connection, graph: _SQLGraph, batch: Batch
     ) -> list[Outcome] | BaseException:
         conn.execute("SAVEPOINT batch")
         try:
-            outcomes = self._apply(conn, batch)
+            outcomes = self._apply(conn, graph, batch)
         except Exception as exc:  # reported on this batch's future only
             if not conn.in_transaction:
                 # Some errors (disk full, I/O) make SQLite roll back the whole
@@ -321,12 +342,74 @@ class SQLiteStore(Store):
                 raise
             conn.execute("ROLLBACK TO batch")
             conn.execute("RELEASE batch")
+            graph.forget()  # it may remember rows that were just rolled back
             return _unavailable(f"batch not stored: {exc}", exc)
         conn.execute("RELEASE batch")
         return outcomes
 
-    def _apply(self, conn: sqlite3.Connection, batch: Batch) -> list[Outcome]:
-        outcomes = [self._apply_event(conn, event) for event in batch.events]
+    def _apply_fast(
+        self,
+        conn: sqlite3.Connection,
+        graph: _SQLGraph,
+        stored: set[tuple[str, str]],
+        batch: Batch,
+    ) -> list[Outcome]:
+        """:meth:`_apply` for a batch whose message ids and identities :func:`_prefetch`
+        looked up: no query per event to find duplicates, one INSERT for all events.
+
+        ``stored`` holds every (source, message id) among them already in the file, and
+        gains each one written here. Claims need the one-at-a-time path.
+        """
+        if any(event.claims for event in batch.events):
+            return self._apply(conn, graph, batch, stored)
+        outcomes: list[Outcome] = []
+        rows: list[_Row] = []
+        for event in batch.events:
+            key = (event.source_id, event.message_id)
+            if key in stored:
+                outcomes.append(DUPLICATE)
+                continue
+            profile_id = session_id = None
+            if event.identity is not None:
+                profile_id = resolve_profile(graph, event.identity)
+                if profile_id is None:
+                    outcomes.append(UNKNOWN_USER)
+                    continue
+                if event.session is not None:
+                    session_id = resolve_session(graph, event.session, profile_id)
+            stored.add(key)
+            rows.append(_event_row(event, profile_id, session_id))
+            outcomes.append(
+                STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
+            )
+        if rows:
+            inserted = conn.executemany(_INSERT_EVENT, rows).rowcount
+            if inserted != len(rows):  # never, while we hold the write lock
+                raise RuntimeError(f"{len(rows) - inserted} events were stored meanwhile")
+        self._record_refused(conn, batch, outcomes)
+        return outcomes
+
+    def _apply(
+        self,
+        conn: sqlite3.Connection,
+        graph: _SQLGraph,
+        batch: Batch,
+        stored: set[tuple[str, str]] | None = None,
+    ) -> list[Outcome]:
+        """Write ``batch`` one event at a time, every check a query of its own."""
+        outcomes = []
+        for event in batch.events:
+            outcome = self._apply_event(conn, graph, event)
+            if stored is not None and outcome.stored:
+                stored.add((event.source_id, event.message_id))
+            outcomes.append(outcome)
+        self._record_refused(conn, batch, outcomes)
+        return outcomes
+
+    def _record_refused(
+        self, conn: sqlite3.Connection, batch: Batch, outcomes: list[Outcome]
+    ) -> None:
+        """Record the batch's rejections and every event the store refused."""
         refused = [
             RejectionRecord(
                 source_id=event.source_id,
@@ -347,9 +430,10 @@ class SQLiteStore(Store):
         ]  # fmt: skip
         if rows:
             conn.executemany(_INSERT_REJECTION, rows)
-        return outcomes
 
-    def _apply_event(self, conn: sqlite3.Connection, event: EventRecord) -> Outcome:
+    def _apply_event(
+        self, conn: sqlite3.Connection, graph: _SQLGraph, event: EventRecord
+    ) -> Outcome:
         blocked_by: str | None = None
         for claim in event.claims:
             row = conn.execute(
@@ -372,29 +456,12 @@ class SQLiteStore(Store):
                 return Outcome(False, blocked_by)
         profile_id = session_id = None
         if event.identity is not None:
-            graph = _SQLGraph(conn)
             profile_id = resolve_profile(graph, event.identity)
             if profile_id is None:
                 return UNKNOWN_USER
             if event.session is not None:
                 session_id = resolve_session(graph, event.session, profile_id)
-        inserted = conn.execute(
-            _INSERT_EVENT,
-            (
-                event.source_id,
-                event.message_id,
-                event.type,
-                event.name,
-                event.user_id,
-                event.anonymous_id,
-                event.timestamp,
-                event.received_at,
-                event.payload,
-                profile_id,
-                session_id,
-                dumps(list(event.warnings)) if event.warnings else None,
-            ),
-        ).rowcount
+        inserted = conn.execute(_INSERT_EVENT, _event_row(event, profile_id, session_id)).rowcount
         if not inserted:
             return DUPLICATE
         if event.claims:
@@ -495,6 +562,76 @@ class SQLiteStore(Store):
             self._writer.join()
 
 
+def _event_row(event: EventRecord, profile_id: str | None, session_id: str | None) -> _Row:
+    """The values of :data:`_INSERT_EVENT` for ``event``."""
+    return (
+        event.source_id,
+        event.message_id,
+        event.type,
+        event.name,
+        event.user_id,
+        event.anonymous_id,
+        event.timestamp,
+        event.received_at,
+        event.payload,
+        profile_id,
+        session_id,
+        dumps(list(event.warnings)) if event.warnings else None,
+    )
+
+
+# The lengths an "IN (...)" list is padded to (by repeating its last value): each length
+# is a distinct statement, and a few of them stay in the connection's statement cache
+# where one per group size would push out every other statement. The largest is far
+# below SQLite's limit on parameters (32,766 since 3.32).
+_IN_SIZES = (1, 4, 16, 64, 256)
+
+
+def _chunks(values: set[str]) -> Iterator[list[str]]:
+    ordered = sorted(values)  # neighbours in the index: fewer pages visited
+    largest = _IN_SIZES[-1]
+    for start in range(0, len(ordered), largest):
+        chunk = ordered[start : start + largest]
+        size = next(size for size in _IN_SIZES if size >= len(chunk))
+        yield chunk + [chunk[-1]] * (size - len(chunk))
+
+
+def _marks(values: list[str]) -> str:
+    return ", ".join("?" * len(values))
+
+
+def _prefetch(
+    conn: sqlite3.Connection, graph: _SQLGraph, batches: list[Batch]
+) -> set[tuple[str, str]]:
+    """Look up, a few hundred at a time, what a group's events will ask one by one:
+    which (source, message id) are already stored -- returned --, and who owns each
+    identity they name -- remembered by ``graph``. Inside the write transaction, so the
+    answers hold until it ends."""
+    message_ids: dict[str, set[str]] = {}
+    identities: dict[tuple[str, str], set[str]] = {}
+    for batch in batches:
+        for event in batch.events:
+            message_ids.setdefault(event.source_id, set()).add(event.message_id)
+            op = event.identity
+            if op is not None:
+                for identity in (*op.identities, *op.lookups):
+                    identities.setdefault((op.scope, identity.kind), set()).add(identity.value)
+    stored: set[tuple[str, str]] = set()
+    for source_id, ids in message_ids.items():
+        for chunk in _chunks(ids):
+            rows = conn.execute(
+                "SELECT message_id FROM events WHERE source_id = ?"
+                f" AND message_id IN ({_marks(chunk)})",
+                (source_id, *chunk),
+            )
+            stored.update((source_id, message_id) for (message_id,) in rows)
+    for (scope, kind), values in identities.items():
+        for chunk in _chunks(values):
+            graph.learn_owners(scope, kind, chunk)
+    graph.learn_profiles()
+    return stored
+
+
 def _stored_event(row: _Row) -> StoredEvent:
     *columns, warnings = row
     event = StoredEvent(*columns)
@@ -510,23 +647,67 @@ def _unavailable(message: str, cause: BaseException) -> StoreUnavailable:
 
 
 class _SQLGraph:
-    """The identity primitives over one connection, inside the writer's transaction."""
+    """The identity primitives over one connection, inside one transaction.
+
+    Within a write transaction (BEGIN IMMEDIATE) no other connection can change the
+    file, so who owns an identity and where a profile was merged can be remembered until
+    the transaction ends: identity resolution asks for each owner twice, and a visitor's
+    events often come in the same group. Our own writes keep the memo current;
+    :meth:`forget` after a rollback to a savepoint. A read-only graph (``profile``) uses
+    a fresh instance per read.
+    """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self._owners: dict[tuple[str, str, str], str | None] = {}
+        self._canonical: dict[str, str | None] = {}
+
+    def forget(self) -> None:
+        self._owners.clear()
+        self._canonical.clear()
+
+    def learn_owners(self, scope: str, kind: str, values: list[str]) -> None:
+        """Look up the owners of many identities of one kind at once."""
+        found = dict(
+            self.conn.execute(
+                "SELECT value, profile_id FROM identities WHERE scope = ? AND kind = ?"
+                f" AND value IN ({_marks(values)})",
+                (scope, kind, *values),
+            ).fetchall()
+        )
+        for value in values:
+            self._owners[(scope, kind, value)] = found.get(value)
+
+    def learn_profiles(self) -> None:
+        """Look up at once which of the known owners were never merged away."""
+        unknown = {p for p in self._owners.values() if p is not None} - set(self._canonical)
+        for chunk in _chunks(unknown):
+            rows = self.conn.execute(
+                f"SELECT id FROM profiles WHERE id IN ({_marks(chunk)}) AND merged_into IS NULL",
+                chunk,
+            )
+            self._canonical.update((profile_id, profile_id) for (profile_id,) in rows)
 
     def _one(self, sql: str, params: tuple[object, ...]) -> Any:
         row = self.conn.execute(sql, params).fetchone()
         return None if row is None else row[0]
 
     def owner(self, scope: str, identity: Identity) -> str | None:
+        key = (scope, identity.kind, identity.value)
+        if key in self._owners:
+            return self._owners[key]
         owner: str | None = self._one(
-            "SELECT profile_id FROM identities WHERE scope = ? AND kind = ? AND value = ?",
-            (scope, identity.kind, identity.value),
+            "SELECT profile_id FROM identities WHERE scope = ? AND kind = ? AND value = ?", key
         )
+        self._owners[key] = owner
         return owner
 
     def canonical(self, profile_id: str) -> str | None:
+        if profile_id not in self._canonical:
+            self._canonical[profile_id] = self._follow_merges(profile_id)
+        return self._canonical[profile_id]
+
+    def _follow_merges(self, profile_id: str) -> str | None:
         current: str | None = profile_id
         while current is not None:
             row = self.conn.execute(
@@ -548,12 +729,15 @@ class _SQLGraph:
             "INSERT INTO profiles (id, scope, created_at, traits) VALUES (?, ?, ?, '{}')",
             (profile_id, scope, at),
         )
+        self._canonical[profile_id] = profile_id
 
     def attach(self, scope: str, identity: Identity, profile_id: str) -> None:
+        key = (scope, identity.kind, identity.value)
         self.conn.execute(
             "INSERT INTO identities (scope, kind, value, profile_id) VALUES (?, ?, ?, ?)",
-            (scope, identity.kind, identity.value, profile_id),
+            (*key, profile_id),
         )
+        self._owners[key] = profile_id
 
     def merge(self, survivor: str, merged: str) -> None:
         self.conn.execute(
@@ -566,6 +750,12 @@ class _SQLGraph:
         kept = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (survivor,)))
         self._write_traits(survivor, {**gone, **kept})
         self.conn.execute("UPDATE profiles SET merged_into = ? WHERE id = ?", (survivor, merged))
+        # As the UPDATEs above did: the merged profile's identities now name the survivor,
+        # and whatever led to the merged profile now leads on to the survivor.
+        for key, owner in self._owners.items():
+            if owner == merged:
+                self._owners[key] = survivor
+        self._canonical.clear()
 
     def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
         current = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (profile_id,)))

@@ -181,3 +181,74 @@ def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
         assert store.commit(Batch(events=[event("old"), event("new")])) == [DUPLICATE, STORED]
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_identities_resolve_alike_in_one_group_and_one_by_one(tmp_path: Path) -> None:
+    """The writer remembers owners and merges within a transaction: a group holding
+    merges, and a batch rolled back after attaching an identity, must resolve exactly as
+    the same batches committed one at a time."""
+    from fp_collect.store.base import Identity, IdentityOp
+    from fp_collect.store.memory import MemoryStore
+
+    def with_identity(message_id: str, *names: str, payload: object = "{}", **op: object):  # type: ignore[no-untyped-def]
+        identities = tuple(Identity("anonymous_id", name) for name in names)
+        fields: dict[str, object] = {"scope": "ws", "at": 1.0, "identities": identities}
+        fields.update(new_profile_id=f"PR-{message_id}", **op)
+        record = event(message_id, payload=payload)
+        record.identity = IdentityOp(**fields)  # type: ignore[arg-type]
+        return record
+
+    batches = [
+        Batch(events=[with_identity("m1", "a")]),
+        Batch(events=[with_identity("m2", "b")]),
+        # attaches "c" to a's profile, then fails: "c" must be unknown again afterwards
+        Batch(events=[with_identity("m3", "a", "c"), event("bad", payload=object())]),
+        Batch(events=[with_identity("m4", "c")]),
+        Batch(events=[with_identity("m5", "a", "b", merge=True)]),
+        Batch(events=[with_identity("m6", "b"), with_identity("m7", "c", "a", merge=True)]),
+    ]
+    reference = MemoryStore()  # SQLite refuses the bad payload; leave its batch out here
+    expected = [None if i == 2 else reference.commit(b, TIMEOUT) for i, b in enumerate(batches)]
+    path = tmp_path / "t.db"
+    with SQLiteStore(path) as store:
+        blocker = _hold_write_lock(path)  # so that every batch lands in one group
+        futures = [store.submit(batch) for batch in batches]
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        got = []
+        for future in futures:
+            try:
+                got.append(future.result(TIMEOUT))
+            except StoreUnavailable:
+                got.append(None)
+        assert got == expected
+        assert [got[5][0].profile_id, got[5][1].profile_id] == ["PR-m1", "PR-m1"]  # type: ignore[index]
+        for profile_id in ("PR-m1", "PR-m2", "PR-m4"):
+            assert store.profile(profile_id) == reference.profile(profile_id)
+
+
+def test_duplicates_are_found_within_one_group(tmp_path: Path) -> None:
+    """The writer looks a group's message ids up at once: ids stored before the group,
+    repeated within a batch, or written earlier in the group by a batch with claims
+    (written one event at a time) are all duplicates."""
+    path = tmp_path / "t.db"
+    claim = Claim("order_id", "o-1", at=1.0)
+    with SQLiteStore(path) as store:
+        assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+        blocker = _hold_write_lock(path)  # so that every batch lands in one group
+        futures = [
+            store.submit(Batch(events=[event("m1")])),
+            store.submit(Batch(events=[event("m2"), event("m2")])),
+            store.submit(Batch(events=[event("m3", claims=(claim,))])),
+            store.submit(Batch(events=[event("m3"), event("m4")])),
+        ]
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert [future.result(TIMEOUT) for future in futures] == [
+            [DUPLICATE],
+            [STORED, DUPLICATE],
+            [STORED],
+            [DUPLICATE, STORED],
+        ]
+        assert [row.message_id for row in store.events()] == ["m1", "m2", "m3", "m4"]
+        assert [r.reason for r in store.rejections()] == ["duplicate_message_id"] * 3

@@ -1,0 +1,44 @@
+"""What the benchmark's Starlette and Flask apps share (no web framework imported here).
+
+``FP_BENCH_DB`` names the SQLite file and ``FP_BENCH_SYNCHRONOUS`` (``FULL``, the
+default, or ``NORMAL``) its ``synchronous`` setting, for fp-collect and the hand-written
+handler alike. ``FP_BENCH_STORE=memory`` gives fp-collect its in-memory store instead: not
+durable, only to measure what everything but SQLite costs.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Literal
+
+from fp_collect import Collector, Source
+from fp_collect.store.sqlite import SQLiteStore
+
+WRITE_KEY = "bench-key"
+PATHS = ("/collect/v1/track", "/collect/v1/batch")
+SUCCESS = b'{"success":true}'
+INSERT = "INSERT INTO events (message_id, payload) VALUES (?, ?)"
+
+
+def synchronous() -> Literal["FULL", "NORMAL"]:
+    return "NORMAL" if os.environ.get("FP_BENCH_SYNCHRONOUS") == "NORMAL" else "FULL"
+
+
+def collector() -> Collector:
+    """The collector every fp-collect app mounts: the store ``sqlite:///$FP_BENCH_DB``
+    opens (built directly only so that ``synchronous`` can be chosen)."""
+    sources = [Source(write_key=WRITE_KEY, id="bench")]
+    if os.environ.get("FP_BENCH_STORE") == "memory":
+        return Collector(prefix="/collect", sources=sources, storage="memory://")
+    store = SQLiteStore(os.environ["FP_BENCH_DB"], synchronous=synchronous())
+    return Collector(prefix="/collect", sources=sources, store=store)
+
+
+def open_handwritten_db() -> sqlite3.Connection:
+    """The hand-written handler's database: one table, WAL, the same ``synchronous``."""
+    conn = sqlite3.connect(os.environ["FP_BENCH_DB"], check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous()}")
+    conn.execute("CREATE TABLE IF NOT EXISTS events (message_id TEXT, payload TEXT NOT NULL)")
+    return conn
