@@ -90,6 +90,9 @@ def track_item() -> dict[str, object]:
     message = track_message(0)  # the core benchmark's, so both measure the same body
     message["userId"] = "user-@@UID@@"
     message["messageId"] = "@@MID@@"
+    # Every event an order of its own: a repeated order id would be discarded (the
+    # confirmation restriction) and never stored.
+    message["properties"]["order_id"] = "order-@@MID@@"  # type: ignore[index]
     return message
 
 
