@@ -326,13 +326,16 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def uvicorn_options() -> list[str]:
-    """The same for every Starlette app: the fastest loop and parser installed."""
+def uvicorn_options(fast: bool = True) -> list[str]:
+    """The same for every Starlette app: the fastest loop and parser installed, or with
+    ``fast=False`` uvicorn's defaults without them (asyncio and h11)."""
     options = ["--no-access-log", "--log-level", "warning"]
-    if has_module("uvloop"):
+    if fast and has_module("uvloop"):
         options += ["--loop", "uvloop"]
-    if has_module("httptools"):
+    if fast and has_module("httptools"):
         options += ["--http", "httptools"]
+    if not fast:
+        options += ["--loop", "asyncio", "--http", "h11"]
     return options
 
 
@@ -340,13 +343,13 @@ def gunicorn_options() -> list[str]:
     return ["--workers", "1", "--worker-class", "sync", "--log-level", "warning"]
 
 
-def server_command(case: Case, port: int) -> list[str]:
+def server_command(case: Case, port: int, fast_uvicorn: bool = True) -> list[str]:
     factory = case.app.replace("-", "_")
     if case.framework == "starlette":
         return [
             sys.executable, "-m", "uvicorn", "--factory", f"starlette_apps:{factory}",
             "--app-dir", str(APPS), "--host", "127.0.0.1", "--port", str(port),
-            *uvicorn_options(),
+            *uvicorn_options(fast_uvicorn),
         ]  # fmt: skip
     return [
         sys.executable, "-m", "gunicorn", "--chdir", str(APPS),
@@ -390,7 +393,9 @@ class Server:
 
 
 @contextmanager
-def serve(case: Case, cpu: int, workdir: Path, synchronous: str, store: str) -> Iterator[Server]:
+def serve(
+    case: Case, cpu: int, workdir: Path, synchronous: str, store: str, fast_uvicorn: bool = True
+) -> Iterator[Server]:
     port = free_port()
     db, log = workdir / f"{case.name}.db", workdir / f"{case.name}.log"
     env = {**os.environ, "FP_BENCH_DB": str(db), "FP_BENCH_SYNCHRONOUS": synchronous}
@@ -398,7 +403,7 @@ def serve(case: Case, cpu: int, workdir: Path, synchronous: str, store: str) -> 
     env.pop("PYTHONPATH", None)
     with log.open("wb") as out:
         process = subprocess.Popen(
-            ["taskset", "-c", str(cpu), *server_command(case, port)],
+            ["taskset", "-c", str(cpu), *server_command(case, port, fast_uvicorn)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -612,6 +617,7 @@ def run_case(
     warmup: float = 0.0,
     synchronous: str = "FULL",
     store: str = "sqlite",
+    fast_uvicorn: bool = True,
     profile: Path | None = None,
 ) -> Result:
     template = make_template(case.endpoint)
@@ -620,7 +626,7 @@ def run_case(
         workdir = Path(tmp)
         # fp-collect on memory:// (a diagnosis) keeps nothing that could be counted.
         stores = case.stores and not (store == "memory" and case.app == "fp-collect")
-        with serve(case, server_cpu, workdir, synchronous, store) as server:
+        with serve(case, server_cpu, workdir, synchronous, store, fast_uvicorn) as server:
             if warmup:
                 load(server.url, path, template, warmup)
                 time.sleep(0.5)  # let the warm-up's last commits land before counting
@@ -697,7 +703,9 @@ def representative(runs: list[Result]) -> Result:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def describe(seconds: float, synchronous: str, store: str, generator: str) -> str:
+def describe(
+    seconds: float, synchronous: str, store: str, generator: str, fast_uvicorn: bool = True
+) -> str:
     track, batch = make_template("track"), make_template("batch")
     size = len(track.render(1, "0123456789ab"))
     batch_size = len(batch.render(1, "0123456789ab"))
@@ -718,7 +726,8 @@ def describe(seconds: float, synchronous: str, store: str, generator: str) -> st
             if store == "memory"
             else ""
         )
-        + f"uvicorn {' '.join(uvicorn_options())} | gunicorn {' '.join(gunicorn_options())}"
+        + f"uvicorn {' '.join(uvicorn_options(fast_uvicorn))}"
+        + f" | gunicorn {' '.join(gunicorn_options())}"
     )
 
 
@@ -756,6 +765,11 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
         default="sqlite",
         help="fp-collect's store; memory:// is not durable (diagnosis only)",
     )
+    parser.add_argument(
+        "--plain-uvicorn",
+        action="store_true",
+        help="uvicorn's defaults (asyncio, h11) instead of uvloop and httptools",
+    )
     parser.add_argument("--profile", type=Path, help="py-spy the fp-collect servers into DIR")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
@@ -780,7 +794,8 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
         generator = "a Python load generator, NOT wrk"
     # The harness itself (RSS sampling, readiness probes) stays off the server's core.
     os.sched_setaffinity(0, {args.client_cpu})
-    print(describe(seconds, args.synchronous, args.store, generator), flush=True)
+    fast = not args.plain_uvicorn
+    print(describe(seconds, args.synchronous, args.store, generator, fast), flush=True)
     rounds: list[list[Result]] = []
     for round_number in range(args.repeat):
         results = []
@@ -797,6 +812,7 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
                     warmup=0.0 if args.quick else 1.0,
                     synchronous=args.synchronous,
                     store=args.store,
+                    fast_uvicorn=fast,
                     profile=args.profile,
                 )
             )

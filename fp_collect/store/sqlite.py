@@ -12,8 +12,12 @@ Design:
   file queue up on ``busy_timeout`` instead of failing half-way with SQLITE_BUSY, and every
   check-then-write below is atomic across processes. The UNIQUE constraint on
   ``(source_id, message_id)`` still has the last word on dedup.
-* **One SAVEPOINT per batch.** A batch that fails rolls back alone and fails only its own
-  future; the rest of the group still commits.
+* **Set-wise, optimistic groups.** Within its transaction (no other process can write
+  meanwhile) the writer looks up at once which of the group's message ids are stored and
+  who owns the identities its events name, then inserts each batch's events with one
+  ``executemany``, with no savepoint per batch. If any batch fails, the group is rolled
+  back and redone one event at a time with one SAVEPOINT per batch: a batch that fails
+  rolls back alone and fails only its own future; the rest of the group still commits.
 * **Durable before success.** Futures resolve only after COMMIT returns. If the group
   cannot commit, every future in it gets :class:`StoreUnavailable`; the writer drops its
   connection, opens a fresh one for the next group and keeps serving.
