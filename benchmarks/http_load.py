@@ -837,6 +837,13 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
             " those figures are too low, and ratios against them unreliable. Rerun on a"
             " quiet machine."
         )
+    failed = sorted({r.case.name for r in everything if r.load.not_ok or r.load.socket_errors})
+    if failed:
+        print(
+            f"\nERRORS: some requests of {', '.join(failed)} were answered outside 2xx or not"
+            " at all (the non2xx and sockerr columns, for the median round): their req/s"
+            " count only the 2xx answers."
+        )
     lost = sorted({r.case.name for r in everything if r.lost})
     if lost:
         print(f"\nLOST EVENTS (answered 2xx, not stored): {', '.join(lost)}")
