@@ -10,9 +10,11 @@ drift apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from http import HTTPStatus
 from typing import Any
@@ -25,7 +27,7 @@ from fp_collect.http import HeaderList, Request, Response
 from fp_collect.pipeline import Pipeline, Prepared
 from fp_collect.read_api import PROFILES_PATH, ReadAPI
 from fp_collect.store import Store, open_store
-from fp_collect.store.base import Batch, RejectionRecord
+from fp_collect.store.base import Batch, Outcome, RejectionRecord
 from fp_collect.timestamps import format_iso
 
 logger = logging.getLogger("fp_collect")
@@ -133,10 +135,8 @@ class Collector:
         if not (prepared.batch.events or prepared.batch.rejections):
             return self._with_cors(prepared.respond([]), request)
         try:
-            future = asyncio.wrap_future(self.store.submit(prepared.batch))
-            # shield: a timed-out request must not cancel a commit already in the writer's
-            # hands; the client retries and dedup absorbs the second copy.
-            outcomes = await asyncio.wait_for(asyncio.shield(future), self.config.commit_timeout)
+            commit = self.store.submit(prepared.batch)
+            outcomes = await _committed(commit, self.config.commit_timeout)
         except (StoreUnavailable, asyncio.TimeoutError, OSError) as exc:
             logger.warning("fp-collect store unavailable: %s", exc)
             return self._with_cors(prepared.unavailable, request)
@@ -214,6 +214,44 @@ class Collector:
             lambda _o: responses.json_response(HTTPStatus.BAD_REQUEST, body),
             responses.json_response(HTTPStatus.BAD_REQUEST, body),
         )
+
+
+async def _committed(commit: Future[list[Outcome]], timeout: float) -> list[Outcome]:
+    """Wait for the writer thread's ``commit`` on the event loop, at most ``timeout``.
+
+    One loop future, one thread-safe wake-up and one timer: what ``wrap_future`` +
+    ``shield`` + ``wait_for`` do, at a fraction of their cost on every request. The
+    commit itself is never cancelled, neither by the timeout nor by a client that went
+    away: it is in the writer's hands, and a retry is absorbed by dedup.
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[list[Outcome]] = loop.create_future()
+
+    def settle(done: Future[list[Outcome]]) -> None:  # on the loop
+        if waiter.done():
+            return
+        if done.cancelled():
+            waiter.set_exception(StoreUnavailable("the commit was cancelled"))
+        elif (error := done.exception()) is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(done.result())
+
+    def wake(done: Future[list[Outcome]]) -> None:  # in the writer thread
+        # A closed loop (RuntimeError) has nobody waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, done)
+
+    def expire() -> None:
+        if not waiter.done():
+            waiter.set_exception(asyncio.TimeoutError())
+
+    commit.add_done_callback(wake)
+    timer = loop.call_later(timeout, expire)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
 
 
 def _fixed(response: Response) -> Prepared:
