@@ -249,6 +249,28 @@ class Store(abc.ABC):
         self.close()
 
 
+def refused_record(event: EventRecord, outcome: Outcome) -> RejectionRecord:
+    """The record every backend keeps of an event it did not store (``outcome``)."""
+    return RejectionRecord(
+        source_id=event.source_id,
+        reason=outcome.reason or "rejected",
+        message=f"not stored: {outcome.reason}",
+        received_at=event.received_at,
+        endpoint=event.endpoint,
+        payload=event.payload,
+        message_id=event.message_id,
+    )
+
+
+def refused_records(batch: Batch, outcomes: Sequence[Outcome]) -> list[RejectionRecord]:
+    """:func:`refused_record` for each event of ``batch`` its outcome says was not stored."""
+    return [
+        refused_record(event, outcome)
+        for event, outcome in zip(batch.events, outcomes, strict=True)
+        if not outcome.stored
+    ]
+
+
 def claim_is_held(held_until: float | None, at: float) -> bool:
     """Whether a claim held until ``held_until`` still blocks a new one made at ``at``."""
     return held_until is None or held_until > at

@@ -24,6 +24,7 @@ from fp_collect.store.base import (
     StoredProfile,
     StoredRejection,
     claim_is_held,
+    refused_record,
     resolved,
 )
 from fp_collect.store.identity import resolve_profile, resolve_session
@@ -176,17 +177,7 @@ class MemoryStore(Store):
         return STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
 
     def _reject_event(self, event: EventRecord, outcome: Outcome) -> None:
-        self._add_rejection(
-            RejectionRecord(
-                source_id=event.source_id,
-                reason=outcome.reason or "rejected",
-                message=f"not stored: {outcome.reason}",
-                received_at=event.received_at,
-                endpoint=event.endpoint,
-                payload=event.payload,
-                message_id=event.message_id,
-            )
-        )
+        self._add_rejection(refused_record(event, outcome))
 
     def _add_rejection(self, rejection: RejectionRecord) -> None:
         self._rejections.append(

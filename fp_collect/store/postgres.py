@@ -111,11 +111,11 @@ from fp_collect.store.base import (
     Identity,
     Outcome,
     Query,
-    RejectionRecord,
     Store,
     StoredEvent,
     StoredProfile,
     StoredRejection,
+    refused_records,
 )
 from fp_collect.store.identity import resolve_profile, resolve_session
 
@@ -797,19 +797,7 @@ class PostgresStore(Store):
 
     def _apply(self, run: _Run, batch: Batch) -> list[Outcome]:
         outcomes = [self._apply_event(run, event) for event in batch.events]
-        refused = [
-            RejectionRecord(
-                source_id=event.source_id,
-                reason=outcome.reason or "rejected",
-                message=f"not stored: {outcome.reason}",
-                received_at=event.received_at,
-                endpoint=event.endpoint,
-                payload=event.payload,
-                message_id=event.message_id,
-            )
-            for event, outcome in zip(batch.events, outcomes, strict=True)
-            if not outcome.stored
-        ]
+        refused = refused_records(batch, outcomes)
         for r in (*refused, *batch.rejections):
             run(
                 self._sql["insert_rejection"],

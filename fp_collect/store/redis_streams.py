@@ -126,6 +126,7 @@ from fp_collect.store.base import (
     StoredProfile,
     StoredRejection,
     claim_is_held,
+    refused_records,
 )
 from fp_collect.store.identity import resolve_profile, resolve_session
 
@@ -826,19 +827,7 @@ class RedisStore(Store):
         stored = {e.source_id for e, o in zip(batch.events, outcomes, strict=True) if o.stored}
         for source_id in sorted(stored):
             tx.add(self._keys.sources, source_id)
-        refused = [
-            RejectionRecord(
-                source_id=event.source_id,
-                reason=outcome.reason or "rejected",
-                message=f"not stored: {outcome.reason}",
-                received_at=event.received_at,
-                endpoint=event.endpoint,
-                payload=event.payload,
-                message_id=event.message_id,
-            )
-            for event, outcome in zip(batch.events, outcomes, strict=True)
-            if not outcome.stored
-        ]
+        refused = refused_records(batch, outcomes)
         counter_and_stream = (self._keys.rejection_ids, self._keys.rejections)
         for rejection in (*refused, *batch.rejections):
             tx.append(counter_and_stream, (), _rejection_fields(rejection))

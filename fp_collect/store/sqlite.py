@@ -55,12 +55,12 @@ from fp_collect.store.base import (
     Identity,
     Outcome,
     Query,
-    RejectionRecord,
     Store,
     StoredEvent,
     StoredProfile,
     StoredRejection,
     claim_is_held,
+    refused_records,
 )
 from fp_collect.store.identity import resolve_profile, resolve_session
 
@@ -414,19 +414,7 @@ class SQLiteStore(Store):
         self, conn: sqlite3.Connection, batch: Batch, outcomes: list[Outcome]
     ) -> None:
         """Record the batch's rejections and every event the store refused."""
-        refused = [
-            RejectionRecord(
-                source_id=event.source_id,
-                reason=outcome.reason or "rejected",
-                message=f"not stored: {outcome.reason}",
-                received_at=event.received_at,
-                endpoint=event.endpoint,
-                payload=event.payload,
-                message_id=event.message_id,
-            )
-            for event, outcome in zip(batch.events, outcomes, strict=True)
-            if not outcome.stored
-        ]
+        refused = refused_records(batch, outcomes)
         rows = [
             (r.source_id, r.reason, r.message, r.received_at, r.endpoint, r.payload, r.index,
              r.message_id)
