@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -466,8 +467,9 @@ POOL = [
 @st.composite
 def random_events(draw: st.DrawFn) -> list[EventRecord]:
     """Events of a few visitors: identities, merges, lookups, explicit profiles and
-    sessions, traits, claims and repeated messageIds, every id unique where the store
-    would otherwise fail the batch (as SQL would) rather than pick one."""
+    sessions, traits, claims and repeated messageIds, every id unique within the batch
+    (the test makes them unique across batches) where the store would otherwise fail the
+    batch (as SQL would) rather than pick one."""
     events = []
     for i in range(draw(st.integers(1, 14))):
         at = float(draw(st.integers(0, 6)) * 1000)
@@ -511,6 +513,7 @@ def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
 ) -> None:
     """The batches of one group are planned on top of each other's writes (before any is
     in Redis): the result must be what committing them one at a time gives."""
+    batches = [_offered_ids_of_batch(number, events) for number, events in enumerate(batches)]
     memory = MemoryStore()
     expected = [memory.commit(Batch(events=list(events))) for events in batches]
     with redis_prefix(redis_url) as url, RedisStore(url) as store:
@@ -528,6 +531,21 @@ def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
             assert profile_id is None or _same_profile(
                 store.profile(profile_id), memory.profile(profile_id)
             )
+
+
+def _offered_ids_of_batch(number: int, events: list[EventRecord]) -> list[EventRecord]:
+    """The profile and session ids ``random_events`` offers, made unique across batches:
+    an id offered twice is a caller's error that the stores report differently."""
+    for event in events:
+        if event.identity is not None:
+            event.identity = replace(
+                event.identity, new_profile_id=f"{event.identity.new_profile_id}-{number}"
+            )
+        if event.session is not None:
+            event.session = replace(
+                event.session, new_session_id=f"{event.session.new_session_id}-{number}"
+            )
+    return events
 
 
 def _same_profile(mine: StoredProfile | None, theirs: StoredProfile | None) -> bool:
