@@ -339,11 +339,19 @@ def uvicorn_options(fast: bool = True) -> list[str]:
     return options
 
 
-def gunicorn_options() -> list[str]:
-    return ["--workers", "1", "--worker-class", "sync", "--log-level", "warning"]
+def gunicorn_options(threads: int = 0) -> list[str]:
+    """One worker: ``sync`` (one request at a time), or with ``threads`` the ``gthread``
+    worker, whose threads serve concurrent requests in the one process."""
+    if threads:
+        worker = ["--worker-class", "gthread", "--threads", str(threads)]
+    else:
+        worker = ["--worker-class", "sync"]
+    return ["--workers", "1", *worker, "--log-level", "warning"]
 
 
-def server_command(case: Case, port: int, fast_uvicorn: bool = True) -> list[str]:
+def server_command(
+    case: Case, port: int, fast_uvicorn: bool = True, flask_threads: int = 0
+) -> list[str]:
     factory = case.app.replace("-", "_")
     if case.framework == "starlette":
         return [
@@ -353,7 +361,8 @@ def server_command(case: Case, port: int, fast_uvicorn: bool = True) -> list[str
         ]  # fmt: skip
     return [
         sys.executable, "-m", "gunicorn", "--chdir", str(APPS),
-        "--bind", f"127.0.0.1:{port}", *gunicorn_options(), f"flask_apps:{factory}()",
+        "--bind", f"127.0.0.1:{port}", *gunicorn_options(flask_threads),
+        f"flask_apps:{factory}()",
     ]  # fmt: skip
 
 
@@ -394,7 +403,13 @@ class Server:
 
 @contextmanager
 def serve(
-    case: Case, cpu: int, workdir: Path, synchronous: str, store: str, fast_uvicorn: bool = True
+    case: Case,
+    cpu: int,
+    workdir: Path,
+    synchronous: str,
+    store: str,
+    fast_uvicorn: bool = True,
+    flask_threads: int = 0,
 ) -> Iterator[Server]:
     port = free_port()
     db, log = workdir / f"{case.name}.db", workdir / f"{case.name}.log"
@@ -403,7 +418,7 @@ def serve(
     env.pop("PYTHONPATH", None)
     with log.open("wb") as out:
         process = subprocess.Popen(
-            ["taskset", "-c", str(cpu), *server_command(case, port, fast_uvicorn)],
+            ["taskset", "-c", str(cpu), *server_command(case, port, fast_uvicorn, flask_threads)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -618,6 +633,7 @@ def run_case(
     synchronous: str = "FULL",
     store: str = "sqlite",
     fast_uvicorn: bool = True,
+    flask_threads: int = 0,
     profile: Path | None = None,
 ) -> Result:
     template = make_template(case.endpoint)
@@ -626,7 +642,9 @@ def run_case(
         workdir = Path(tmp)
         # fp-collect on memory:// (a diagnosis) keeps nothing that could be counted.
         stores = case.stores and not (store == "memory" and case.app == "fp-collect")
-        with serve(case, server_cpu, workdir, synchronous, store, fast_uvicorn) as server:
+        with serve(
+            case, server_cpu, workdir, synchronous, store, fast_uvicorn, flask_threads
+        ) as server:
             if warmup:
                 load(server.url, path, template, warmup)
                 time.sleep(0.5)  # let the warm-up's last commits land before counting
@@ -704,7 +722,12 @@ def representative(runs: list[Result]) -> Result:
 
 
 def describe(
-    seconds: float, synchronous: str, store: str, generator: str, fast_uvicorn: bool = True
+    seconds: float,
+    synchronous: str,
+    store: str,
+    generator: str,
+    fast_uvicorn: bool = True,
+    flask_threads: int = 0,
 ) -> str:
     track, batch = make_template("track"), make_template("batch")
     size = len(track.render(1, "0123456789ab"))
@@ -727,7 +750,7 @@ def describe(
             else ""
         )
         + f"uvicorn {' '.join(uvicorn_options(fast_uvicorn))}"
-        + f" | gunicorn {' '.join(gunicorn_options())}"
+        + f" | gunicorn {' '.join(gunicorn_options(flask_threads))}"
     )
 
 
@@ -770,6 +793,13 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
         action="store_true",
         help="uvicorn's defaults (asyncio, h11) instead of uvloop and httptools",
     )
+    parser.add_argument(
+        "--flask-threads",
+        type=int,
+        default=0,
+        help="serve every Flask app with gunicorn's gthread worker and N threads (default:"
+        " one sync worker)",
+    )
     parser.add_argument("--profile", type=Path, help="py-spy the fp-collect servers into DIR")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
@@ -795,7 +825,10 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
     # The harness itself (RSS sampling, readiness probes) stays off the server's core.
     os.sched_setaffinity(0, {args.client_cpu})
     fast = not args.plain_uvicorn
-    print(describe(seconds, args.synchronous, args.store, generator, fast), flush=True)
+    print(
+        describe(seconds, args.synchronous, args.store, generator, fast, args.flask_threads),
+        flush=True,
+    )
     rounds: list[list[Result]] = []
     for round_number in range(args.repeat):
         results = []
@@ -813,6 +846,7 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
                     synchronous=args.synchronous,
                     store=args.store,
                     fast_uvicorn=fast,
+                    flask_threads=args.flask_threads,
                     profile=args.profile,
                 )
             )

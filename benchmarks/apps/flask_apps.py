@@ -8,6 +8,8 @@ The same three as :mod:`starlette_apps`: ``bare`` (read the body, answer 200),
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 
 from common import INSERT, PATHS, SUCCESS, collector, open_handwritten_db
 from flask import Flask, Response, request
@@ -29,9 +31,19 @@ def bare() -> Flask:
 
 def handwritten() -> Flask:
     app = Flask(__name__)
-    conn = open_handwritten_db()
+    # A connection per thread, as a hand-writer would under gunicorn's gthread worker
+    # (``--flask-threads``): one shared connection would interleave the threads'
+    # transactions. Under the sync worker this is one connection.
+    local = threading.local()
+
+    def connection() -> sqlite3.Connection:
+        if not hasattr(local, "conn"):
+            local.conn = open_handwritten_db()
+        conn: sqlite3.Connection = local.conn
+        return conn
 
     def collect() -> Response:
+        conn = connection()
         data = json.loads(request.get_data())
         events = data.get("batch", [data])
         conn.executemany(INSERT, [(e.get("messageId"), json.dumps(e)) for e in events])
