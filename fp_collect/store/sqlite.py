@@ -17,10 +17,11 @@ Design:
   who owns the identities its events name, then inserts each batch's events with one
   ``executemany``, with no savepoint per batch. If any batch fails, the group is rolled
   back and redone one event at a time with one SAVEPOINT per batch: a batch that fails
-  rolls back alone and fails only its own future; the rest of the group still commits.
-* **Durable before success.** Futures resolve only after COMMIT returns. If the group
-  cannot commit, every future in it gets :class:`StoreUnavailable`; the writer drops its
-  connection, opens a fresh one for the next group and keeps serving.
+  rolls back alone and fails only its own commit; the rest of the group still commits.
+* **Durable before success.** A batch's :class:`Commit` is settled only after COMMIT
+  returns. If the group cannot commit, every batch in it fails with
+  :class:`StoreUnavailable`; the writer drops its connection, opens a fresh one for the
+  next group and keeps serving.
 
 ``synchronous="FULL"`` (the default) makes a commit survive power loss. ``"NORMAL"`` is
 faster but may lose the last commits on power loss (never on a process crash).
@@ -32,12 +33,10 @@ RuntimeError) so requests racing a graceful shutdown are answered 503, not 500.
 from __future__ import annotations
 
 import os
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import replace
 from typing import Any, Literal
@@ -51,14 +50,17 @@ from fp_collect.store.base import (
     STORED,
     UNKNOWN_USER,
     Batch,
+    Commit,
     EventRecord,
     Identity,
+    Job,
     Outcome,
     Query,
     Store,
     StoredEvent,
     StoredProfile,
     StoredRejection,
+    WriteQueue,
     claim_is_held,
     refused_records,
 )
@@ -177,7 +179,6 @@ _INSERT_REJECTION = (
     " message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
-_Job = tuple[Batch, Future[list[Outcome]]]
 _Row = tuple[Any, ...]
 
 
@@ -197,10 +198,8 @@ class SQLiteStore(Store):
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._create_schema()
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writes = WriteQueue(f"SQLite store {self._path!r} is closed")
         self._conn: sqlite3.Connection | None = None  # owned by the writer thread only
-        self._lock = threading.Lock()
-        self._closed = False
         self._writer = threading.Thread(target=self._run, name="fp-collect-sqlite", daemon=True)
         self._writer.start()
 
@@ -253,43 +252,20 @@ class SQLiteStore(Store):
 
     # -- writing -------------------------------------------------------------------------
 
-    def submit(self, batch: Batch) -> Future[list[Outcome]]:
-        future: Future[list[Outcome]] = Future()
-        # The lock orders submit against close, so no job lands behind the stop sentinel.
-        with self._lock:
-            if self._closed:
-                raise StoreUnavailable(f"SQLite store {self._path!r} is closed")
-            self._queue.put((batch, future))
-        return future
+    def submit(self, batch: Batch) -> Commit:
+        return self._writes.submit(batch)
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            group = [first]
-            while len(group) < MAX_GROUP:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                group.append(job)
-            self._commit_group(group)
+            group, stopping = self._writes.next_group(MAX_GROUP)
+            if group:
+                self._commit_group(group)
         if self._conn is not None:
             self._conn.close()
 
-    def _commit_group(self, group: list[_Job]) -> None:
-        # A caller may have cancelled its future while it waited; it is then not written.
-        group = [
-            (batch, future) for batch, future in group if future.set_running_or_notify_cancel()
-        ]
-        if not group:
-            return
-        results: list[tuple[Future[list[Outcome]], list[Outcome] | BaseException]]
+    def _commit_group(self, group: list[Job]) -> None:
+        results: list[tuple[Commit, list[Outcome] | BaseException]]
         try:
             if self._conn is None:
                 self._conn = self._connect()
@@ -302,10 +278,9 @@ class SQLiteStore(Store):
                 # events need to know -- which message ids are stored, who owns their
                 # identities -- looked up set-wise; each batch's events inserted at once.
                 graph = _SQLGraph(conn)
-                stored = _prefetch(conn, graph, [batch for batch, _ in group])
+                stored = _prefetch(conn, graph, [job.batch for job in group])
                 results = [
-                    (future, self._apply_fast(conn, graph, stored, batch))
-                    for batch, future in group
+                    (job.commit, self._apply_fast(conn, graph, stored, job.batch)) for job in group
                 ]
             except Exception:
                 if not conn.in_transaction:
@@ -316,22 +291,18 @@ class SQLiteStore(Store):
                 conn.execute("BEGIN IMMEDIATE")
                 graph = _SQLGraph(conn)
                 results = [
-                    (future, self._apply_in_savepoint(conn, graph, batch))
-                    for batch, future in group
+                    (job.commit, self._apply_in_savepoint(conn, graph, job.batch)) for job in group
                 ]
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - any failure here must reach every caller
             if self._conn is not None:
                 self._conn.close()  # rolls back; the next group reconnects from scratch
                 self._conn = None
-            for _, future in group:
-                future.set_exception(_unavailable(f"SQLite commit failed: {exc}", exc))
+            for job in group:
+                job.commit.set_exception(_unavailable(f"SQLite commit failed: {exc}", exc))
             return
-        for future, result in results:
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        for commit, result in results:
+            commit.settle(result)
 
     def _apply_in_savepoint(
         self, conn: sqlite3.Connection, graph: _SQLGraph, batch: Batch
@@ -339,7 +310,7 @@ class SQLiteStore(Store):
         conn.execute("SAVEPOINT batch")
         try:
             outcomes = self._apply(conn, graph, batch)
-        except Exception as exc:  # reported on this batch's future only
+        except Exception as exc:  # reported on this batch's commit only
             if not conn.in_transaction:
                 # Some errors (disk full, I/O) make SQLite roll back the whole
                 # transaction: the other batches are gone too, so fail the group.
@@ -546,10 +517,7 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         """Commit everything already submitted, stop the writer and close the file."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._queue.put(None)
+        self._writes.close()
         if threading.current_thread() is not self._writer:
             self._writer.join()
 
@@ -631,7 +599,7 @@ def _stored_event(row: _Row) -> StoredEvent:
 
 
 def _unavailable(message: str, cause: BaseException) -> StoreUnavailable:
-    # One instance per future: a shared exception would have its traceback rewritten by
+    # One instance per commit: a shared exception would have its traceback rewritten by
     # every thread that raises it.
     error = StoreUnavailable(message)
     error.__cause__ = cause
