@@ -172,6 +172,42 @@ def test_bad_options_are_refused(tmp_path: Path) -> None:
         SQLiteStore(tmp_path / "missing-dir" / "t.db")
 
 
+def _writer_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement the stores' connections run from now on."""
+    statements: list[str] = []
+    connect = SQLiteStore._connect
+
+    def traced(self: SQLiteStore) -> sqlite3.Connection:
+        conn = connect(self)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(SQLiteStore, "_connect", traced)
+    return statements
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("", "FULL"), ("?synchronous=NORMAL", "NORMAL"), ("?synchronous=full", "FULL")],
+)
+def test_the_url_chooses_synchronous_and_full_is_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, query: str, expected: str
+) -> None:
+    statements = _writer_statements(monkeypatch)
+    with open_store(f"sqlite:///{tmp_path / 'u.db'}{query}") as store:
+        assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+    assert f"PRAGMA synchronous = {expected}" in statements
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".db"] == ["u.db"]
+
+
+@pytest.mark.parametrize(
+    "query", ["?synchronous=OFF", "?synchronous=", "?journal_mode=MEMORY", "?synchronous"]
+)
+def test_other_url_options_are_refused(tmp_path: Path, query: str) -> None:
+    with pytest.raises(ConfigError):
+        open_store(f"sqlite:///{tmp_path / 'u.db'}{query}")
+
+
 def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     from fp_collect.store import sqlite as sqlite_module
 
