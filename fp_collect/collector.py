@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from http import HTTPStatus
 from typing import Any
@@ -27,7 +29,7 @@ from fp_collect.http import HeaderList, Request, Response
 from fp_collect.pipeline import Pipeline, Prepared
 from fp_collect.read_api import PROFILES_PATH, ReadAPI
 from fp_collect.store import Store, open_store
-from fp_collect.store.base import Batch, Outcome, RejectionRecord
+from fp_collect.store.base import Batch, Outcome, Pending, RejectionRecord
 from fp_collect.timestamps import format_iso
 
 logger = logging.getLogger("fp_collect")
@@ -216,42 +218,91 @@ class Collector:
         )
 
 
-async def _committed(commit: Future[list[Outcome]], timeout: float) -> list[Outcome]:
+async def _committed(commit: Pending, timeout: float) -> list[Outcome]:
     """Wait for the writer thread's ``commit`` on the event loop, at most ``timeout``.
 
-    One loop future, one thread-safe wake-up and one timer: what ``wrap_future`` +
-    ``shield`` + ``wait_for`` do, at a fraction of their cost on every request. The
-    commit itself is never cancelled, neither by the timeout nor by a client that went
-    away: it is in the writer's hands, and a retry is absorbed by dedup.
+    One loop future and one timer per request; the wake-up is shared (see
+    :class:`_LoopWaker`). The commit itself is never cancelled, neither by the timeout
+    nor by a client that went away: it is in the writer's hands, and a retry is
+    absorbed by dedup.
     """
+    if commit.done():  # a store that commits synchronously (memory://): nothing to wait for
+        if commit.cancelled():
+            raise StoreUnavailable("the commit was cancelled")
+        return commit.result(0)
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[list[Outcome]] = loop.create_future()
-
-    def settle(done: Future[list[Outcome]]) -> None:  # on the loop
-        if waiter.done():
-            return
-        if done.cancelled():
-            waiter.set_exception(StoreUnavailable("the commit was cancelled"))
-        elif (error := done.exception()) is not None:
-            waiter.set_exception(error)
-        else:
-            waiter.set_result(done.result())
-
-    def wake(done: Future[list[Outcome]]) -> None:  # in the writer thread
-        # A closed loop (RuntimeError) has nobody waiting any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, done)
 
     def expire() -> None:
         if not waiter.done():
             waiter.set_exception(asyncio.TimeoutError())
 
-    commit.add_done_callback(wake)
+    commit.add_done_callback(functools.partial(_waker(loop).settled, waiter))
     timer = loop.call_later(timeout, expire)
     try:
         return await waiter
     finally:
         timer.cancel()
+
+
+class _LoopWaker:
+    """Hands the commits that writer threads settle to the waiters on one event loop.
+
+    A writer settles a whole group of commits at once (~25 requests under load). Each
+    waking its request's loop would cost a ``call_soon_threadsafe`` apiece (a self-pipe
+    write and a loop turn). Here the first commit of a group schedules one drain and
+    the others join its list; the drain, on the loop, settles them all.
+    """
+
+    __slots__ = ("_lock", "_loop", "_ready", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Weakly: the waker is kept in a WeakKeyDictionary keyed by its loop.
+        self._loop = weakref.ref(loop)
+        self._lock = threading.Lock()
+        self._ready: list[tuple[asyncio.Future[list[Outcome]], Pending]] = []
+        self._scheduled = False  # a drain is scheduled and has not yet taken _ready
+
+    def settled(self, waiter: asyncio.Future[list[Outcome]], commit: Pending) -> None:
+        """``commit`` is settled (called in the thread that settled it)."""
+        with self._lock:
+            self._ready.append((waiter, commit))
+            if self._scheduled:
+                return  # the scheduled drain will take this one too
+            self._scheduled = True
+        loop = self._loop()
+        if loop is not None:
+            # A closed loop (RuntimeError) has nobody waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:  # on the loop
+        with self._lock:
+            ready, self._ready = self._ready, []
+            # From here a newly settled commit schedules the next drain.
+            self._scheduled = False
+        for waiter, commit in ready:
+            if waiter.done():  # timed out, or its client went away
+                continue
+            if commit.cancelled():
+                waiter.set_exception(StoreUnavailable("the commit was cancelled"))
+            elif (error := commit.exception(0)) is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(commit.result(0))
+
+
+_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _waker(loop: asyncio.AbstractEventLoop) -> _LoopWaker:
+    """The loop's waker (one per loop: loops run in their own threads)."""
+    waker = _wakers.get(loop)
+    if waker is None:
+        waker = _wakers[loop] = _LoopWaker(loop)
+    return waker
 
 
 def _fixed(response: Response) -> Prepared:

@@ -8,9 +8,18 @@ is what keeps dedup exact across threads, processes and machines: the store deci
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fp_collect.errors import StoreUnavailable
+
+logger = logging.getLogger("fp_collect")
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,15 +220,164 @@ class Query:
     limit: int | None = None
 
 
+class Pending(Protocol):
+    """What :meth:`Store.submit` returns: the part of :class:`concurrent.futures.Future`
+    the collector uses. The stores here return a :class:`Commit`; a store of one's own
+    (or a test's) may return a ``Future[list[Outcome]]``."""
+
+    def result(self, timeout: float | None = None) -> list[Outcome]: ...
+
+    def exception(self, timeout: float | None = None) -> BaseException | None: ...
+
+    def cancel(self) -> bool: ...
+
+    def cancelled(self) -> bool: ...
+
+    def done(self) -> bool: ...
+
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None: ...
+
+
+# A Commit's states, as a Future's: PENDING until a writer takes it (RUNNING: it can no
+# longer be cancelled), then CANCELLED or FINISHED for good.
+_PENDING, _RUNNING, _CANCELLED, _FINISHED = "pending", "running", "cancelled", "finished"
+
+# Orders the state changes that can race: cancel() in the waiting thread against the
+# writer taking or settling the commit, add_done_callback() against settling. One lock
+# for every Commit: each holds it for a few attribute writes, and under the GIL a lock
+# per commit would buy no parallelism, only an allocation per request.
+_TRANSITIONS = threading.Lock()
+
+
+class Commit:
+    """The pending commit of one batch: what the stores' :meth:`Store.submit` returns.
+
+    It means what a :class:`concurrent.futures.Future` of ``list[Outcome]`` means, with
+    the methods the collector and the stores use, at a fraction of the cost: one is
+    made and settled per request. A Future builds a Condition (an RLock, a list of
+    waiters) and takes it on every call; a Commit holds one plain lock from its
+    creation until it is settled, which a thread blocked in :meth:`result` waits on.
+    """
+
+    __slots__ = ("_callbacks", "_settled", "_state", "_value")
+
+    def __init__(self) -> None:
+        self._state = _PENDING
+        self._value: list[Outcome] | BaseException | None = None
+        self._callbacks: list[Callable[[Commit], object]] = []
+        # Released, never to be taken again, once the commit is settled or cancelled.
+        self._settled = threading.Lock()
+        self._settled.acquire()
+
+    # -- the writer's side ----------------------------------------------------------------
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """Take the commit for writing: False (write nothing) if it was cancelled."""
+        with _TRANSITIONS:
+            if self._state == _CANCELLED:
+                return False
+            if self._state != _PENDING:
+                raise InvalidStateError(f"commit is already {self._state}")
+            self._state = _RUNNING
+            return True
+
+    def set_result(self, outcomes: list[Outcome]) -> None:
+        self._settle(outcomes)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._settle(error)
+
+    def settle(self, result: list[Outcome] | BaseException) -> None:
+        """:meth:`set_exception` for an exception, else :meth:`set_result`."""
+        self._settle(result)
+
+    def _settle(self, value: list[Outcome] | BaseException) -> None:
+        with _TRANSITIONS:
+            if self._state in (_CANCELLED, _FINISHED):
+                raise InvalidStateError(f"commit is already {self._state}")
+            # The value first: _wait() reads the state without the lock.
+            self._value = value
+            self._state = _FINISHED
+            callbacks, self._callbacks = self._callbacks, []
+        self._settled.release()
+        self._run(callbacks)
+
+    # -- the waiter's side ----------------------------------------------------------------
+
+    def cancel(self) -> bool:
+        """Withdraw the batch if no writer has taken it yet; True if it is withdrawn."""
+        with _TRANSITIONS:
+            if self._state == _CANCELLED:
+                return True
+            if self._state != _PENDING:
+                return False
+            self._state = _CANCELLED
+            callbacks, self._callbacks = self._callbacks, []
+        self._settled.release()
+        self._run(callbacks)
+        return True
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def done(self) -> bool:
+        return self._state in (_CANCELLED, _FINISHED)
+
+    def result(self, timeout: float | None = None) -> list[Outcome]:
+        """The outcomes, waiting at most ``timeout`` seconds (None: as long as it takes).
+
+        Raises the commit's error, :class:`concurrent.futures.CancelledError` or, when
+        it is not settled in time, :class:`concurrent.futures.TimeoutError`.
+        """
+        value = self._wait(timeout)
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The commit's error (None when it succeeded), waiting as :meth:`result` does."""
+        value = self._wait(timeout)
+        return value if isinstance(value, BaseException) else None
+
+    def add_done_callback(self, fn: Callable[[Commit], object]) -> None:
+        """Call ``fn(commit)`` once it is settled or cancelled: at once if it is, else in
+        the thread that settles it (the writer's: keep ``fn`` short and non-blocking)."""
+        with _TRANSITIONS:
+            if self._state not in (_CANCELLED, _FINISHED):
+                self._callbacks.append(fn)
+                return
+        self._run([fn])
+
+    def _wait(self, timeout: float | None) -> list[Outcome] | BaseException:
+        if self._state not in (_CANCELLED, _FINISHED):
+            if not self._settled.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+                raise FutureTimeout()
+            self._settled.release()  # for whoever waits next
+        if self._state == _CANCELLED:
+            raise CancelledError()
+        assert self._value is not None
+        return self._value
+
+    def _run(self, callbacks: list[Callable[[Commit], object]]) -> None:
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # as a Future does: one bad callback must not stop the rest
+                logger.exception("a callback of a commit failed")
+
+    def __repr__(self) -> str:
+        return f"<Commit {self._state}>"
+
+
 class Store(abc.ABC):
     """A storage backend. Thread-safe; one instance serves the whole process."""
 
     @abc.abstractmethod
-    def submit(self, batch: Batch) -> Future[list[Outcome]]:
-        """Queue ``batch`` for an atomic commit; the future resolves after it is durable.
+    def submit(self, batch: Batch) -> Pending:
+        """Queue ``batch`` for an atomic commit, settled once it is durable.
 
-        The future's result has one outcome per ``batch.events`` entry, in order. It
-        raises :class:`~fp_collect.errors.StoreUnavailable` if the commit failed.
+        Its result has one outcome per ``batch.events`` entry, in order. It raises
+        :class:`~fp_collect.errors.StoreUnavailable` if the commit failed.
         """
 
     def commit(self, batch: Batch, timeout: float | None = None) -> list[Outcome]:
@@ -276,8 +434,94 @@ def claim_is_held(held_until: float | None, at: float) -> bool:
     return held_until is None or held_until > at
 
 
-def resolved(outcomes: Sequence[Outcome]) -> Future[list[Outcome]]:
-    """A future that is already done, for stores that commit synchronously."""
-    future: Future[list[Outcome]] = Future()
-    future.set_result(list(outcomes))
-    return future
+def resolved(outcomes: Sequence[Outcome]) -> Commit:
+    """A commit that is already settled, for stores that commit synchronously."""
+    commit = Commit()
+    commit.set_result(list(outcomes))
+    return commit
+
+
+@dataclass(slots=True)
+class Job:
+    """One submitted batch, and the commit that reports on it."""
+
+    batch: Batch
+    commit: Commit
+
+
+class WriteQueue:
+    """What stands between :meth:`Store.submit` and a store's one writer thread.
+
+    ``submit`` only enqueues. The writer waits for a job, then takes everything else
+    already queued as one group to commit in one transaction (group commit: one fsync,
+    or one round trip, serves many concurrent requests). :meth:`close` lets the writer
+    finish every batch submitted before it; a later ``submit`` raises
+    :class:`StoreUnavailable` (not RuntimeError), so requests racing a graceful
+    shutdown are answered 503, not 500.
+    """
+
+    def __init__(self, closed_message: str) -> None:
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._closed_message = closed_message
+
+    def submit(self, batch: Batch) -> Commit:
+        commit = Commit()
+        # The lock orders submit against close, so no job lands behind the stop sentinel.
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable(self._closed_message)
+            self._queue.put(Job(batch, commit))
+        return commit
+
+    def close(self) -> bool:
+        """Stop taking batches; the writer stops once it has taken the ones queued.
+        True for the call that closed it, False for any later one."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+            self._queue.put(None)
+            return True
+
+    def next_group(self, max_jobs: int, max_rows: int | None = None) -> tuple[list[Job], bool]:
+        """Wait for a job, then take what else is queued: the writer's next group, and
+        whether :meth:`close` was called (stop after this group; it may be empty).
+
+        A group holds at most ``max_jobs`` batches and, if given, stops growing once it
+        holds ``max_rows`` events and rejections. Every job in it was taken for writing
+        (``set_running_or_notify_cancel``): a batch whose commit was cancelled while it
+        waited is dropped here, never written.
+        """
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        group: list[Job] = []
+        rows = 0
+        job: Job | None = first
+        while job is not None:
+            if job.commit.set_running_or_notify_cancel():
+                group.append(job)
+                rows += len(job.batch.events) + len(job.batch.rejections)
+            if len(group) >= max_jobs or (max_rows is not None and rows >= max_rows):
+                return group, False
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return group, False
+        return group, True
+
+    def take_all(self) -> tuple[list[Job], bool]:
+        """Everything queued now, without waiting, each taken for writing as in
+        :meth:`next_group` (to be failed at once); and whether :meth:`close` was called."""
+        taken: list[Job] = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return taken, False
+            if job is None:
+                return taken, True
+            if job.commit.set_running_or_notify_cancel():
+                taken.append(job)

@@ -9,6 +9,7 @@ makes two concurrent first events of one visitor end up on one profile.
 from __future__ import annotations
 
 import os
+import time
 from typing import Protocol
 
 from fp_collect.store.base import Identity, IdentityOp, SessionOp
@@ -54,10 +55,30 @@ def email_identity(value: object) -> Identity | None:
     return None
 
 
+# The newest timestamp new_id() used: its ids never go back in time within a process.
+_last_ms = 0
+
+
 def new_id(prefix: str) -> str:
-    """``prefix`` + 30 upper-case hex digits (120 random bits): the seeds' ID form
-    (``PR`` + 30 characters for profiles)."""
-    return prefix + os.urandom(15).hex().upper()
+    """``prefix`` + 30 upper-case hex digits, the seeds' ID form (``PR`` + 30 characters
+    for profiles): 12 digits of a millisecond timestamp, then 18 (72 bits) random.
+
+    Time first, as in a ULID, so that new ids sort after older ones: the indexes keyed
+    by them (profiles, identities by profile, sessions, events by profile) grow at their
+    end, where one page takes a whole group of new visitors, instead of each new id
+    dirtying a page of its own somewhere in the middle. The random part is drawn afresh
+    for every id, never incremented as a monotonic ULID's is within a millisecond: a
+    client is given its profile id and may name it in later calls, so the next visitor's
+    id must not be guessable from one's own. If the clock steps back, ids keep the last
+    timestamp until it catches up (a race between threads here only repeats a value).
+    """
+    global _last_ms
+    now = time.time_ns() // 1_000_000
+    if now > _last_ms:
+        _last_ms = now
+    else:
+        now = _last_ms
+    return f"{prefix}{now:012X}{os.urandom(9).hex().upper()}"
 
 
 def resolve_profile(graph: IdentityGraph, op: IdentityOp) -> str | None:

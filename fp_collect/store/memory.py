@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from itertools import islice
 
@@ -14,6 +13,7 @@ from fp_collect.store.base import (
     STORED,
     UNKNOWN_USER,
     Batch,
+    Commit,
     EventRecord,
     Identity,
     Outcome,
@@ -126,7 +126,7 @@ class MemoryStore(Store):
         self._closed = False
         self._graph = _Graph()
 
-    def submit(self, batch: Batch) -> Future[list[Outcome]]:
+    def submit(self, batch: Batch) -> Commit:
         with self._lock:
             if self._closed:
                 raise StoreUnavailable("the store is closed")

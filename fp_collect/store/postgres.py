@@ -42,7 +42,7 @@ Design:
   without the lock and without DDL (a role without CREATE rights can then use it).
 * **One writer thread, group commit.** ``submit`` only enqueues; the writer drains the
   queue and commits many batches in one transaction, each inside its own SAVEPOINT, so
-  a bad batch fails alone. Futures resolve only after COMMIT returns.
+  a bad batch fails alone. Commits are settled only after COMMIT returns.
 * **Exact across processes and machines** (everything below happens in the writing
   transaction, at READ COMMITTED):
 
@@ -78,13 +78,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -107,14 +105,17 @@ from fp_collect.store.base import (
     STORED,
     UNKNOWN_USER,
     Batch,
+    Commit,
     EventRecord,
     Identity,
+    Job,
     Outcome,
     Query,
     Store,
     StoredEvent,
     StoredProfile,
     StoredRejection,
+    WriteQueue,
     refused_records,
 )
 from fp_collect.store.identity import resolve_profile, resolve_session
@@ -272,8 +273,7 @@ _RACES = (
 )
 
 _T = TypeVar("_T")
-_Job = tuple[Batch, "Future[list[Outcome]]"]
-_Done = tuple["Future[list[Outcome]]", "list[Outcome] | BaseException"]
+_Done = tuple[Commit, "list[Outcome] | BaseException"]
 _Row = tuple[Any, ...]
 _Cursor = psycopg.Cursor[_Row]
 _Connection = psycopg.Connection[_Row]
@@ -533,9 +533,7 @@ class PostgresStore(Store):
             num_workers=1,
             open=True,
         )
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._closed = False
+        self._writes = WriteQueue(f"PostgreSQL store {options.schema!r} is closed")
         self._writer = threading.Thread(target=self._run, name="fp-collect-postgres", daemon=True)
         self._writer.start()
 
@@ -635,33 +633,14 @@ class PostgresStore(Store):
 
     # -- writing -------------------------------------------------------------------------
 
-    def submit(self, batch: Batch) -> Future[list[Outcome]]:
-        future: Future[list[Outcome]] = Future()
-        # The lock orders submit against close, so no job lands behind the stop sentinel.
-        with self._lock:
-            if self._closed:
-                raise StoreUnavailable(f"PostgreSQL store {self.options.schema!r} is closed")
-            self._queue.put((batch, future))
-        return future
+    def submit(self, batch: Batch) -> Commit:
+        return self._writes.submit(batch)
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            group, rows = [first], _rows(first[0])
-            while len(group) < MAX_GROUP and rows < MAX_GROUP_ROWS:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                group.append(job)
-                rows += _rows(job[0])
-            unreachable = self._commit_group(group)
+            group, stopping = self._writes.next_group(MAX_GROUP, MAX_GROUP_ROWS)
+            unreachable = self._commit_group(group) if group else None
             if unreachable is not None and not stopping:
                 stopping = self._fail_queued(unreachable)
         if self._conn is not None:
@@ -671,20 +650,14 @@ class PostgresStore(Store):
     def _fail_queued(self, cause: _Unreachable) -> bool:
         """The server could not be reached: fail everything already waiting now, rather
         than making each group wait for its own connection attempt. True at the stop."""
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return False
-            if job is None:
-                return True
-            if job[1].set_running_or_notify_cancel():
-                job[1].set_exception(_unavailable(str(cause), cause))
+        queued, stopping = self._writes.take_all()
+        for job in queued:
+            job.commit.set_exception(_unavailable(str(cause), cause))
+        return stopping
 
-    def _commit_group(self, group: list[_Job]) -> _Unreachable | None:
+    def _commit_group(self, group: list[Job]) -> _Unreachable | None:
         """Commit ``group``; the error when the server could not be reached at all."""
-        # A caller may have cancelled its future while it waited; it is then not written.
-        jobs = [(batch, future) for batch, future in group if future.set_running_or_notify_cancel()]
+        jobs = group
         races = 0
         while jobs:
             try:
@@ -695,30 +668,27 @@ class PostgresStore(Store):
                 self._drop_connection()
                 unreachable = exc if isinstance(exc, _Unreachable) else None
                 message = str(exc) if unreachable else f"PostgreSQL commit failed: {exc}"
-                for _, future in jobs:
-                    future.set_exception(_unavailable(message, exc))
+                for job in jobs:
+                    job.commit.set_exception(_unavailable(message, exc))
                 return unreachable
-            for future, result in done:
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            for commit, result in done:
+                commit.settle(result)
             if jobs:
                 # jobs[0] lost a race; it is retried alone at the head of a new
                 # transaction, after the batches before it were committed.
                 races = races + 1 if not done else 1
                 if races >= MAX_ATTEMPTS:
                     message = f"batch not stored after {races} attempts: {lost}"
-                    jobs[0][1].set_exception(_unavailable(message, lost))
+                    jobs[0].commit.set_exception(_unavailable(message, lost))
                     jobs, races = jobs[1:], 0
         return None
 
-    def _commit_some(self, jobs: list[_Job]) -> tuple[list[_Done], list[_Job], BaseException]:
+    def _commit_some(self, jobs: list[Job]) -> tuple[list[_Done], list[Job], BaseException]:
         """Apply jobs in one transaction until one loses a race; commit those before it.
         Returns their results, the jobs left (the loser first) and why it lost."""
         conn = self._begin()
         done: list[_Done] = []
-        left: list[_Job] = []
+        left: list[Job] = []
         lost: BaseException = _Race()
         with self._watchdog.watch(conn, self._stall_timeout) as watch:
             cur = conn.cursor()
@@ -728,9 +698,9 @@ class PostgresStore(Store):
                 return cur.execute(sql, params)
 
             try:
-                for n, (batch, future) in enumerate(jobs):
+                for n, job in enumerate(jobs):
                     try:
-                        done.append((future, self._apply_in_savepoint(conn, run, batch)))
+                        done.append((job.commit, self._apply_in_savepoint(conn, run, job.batch)))
                     except _Race as race:
                         left, lost = jobs[n:], race.__cause__ or race
                         break
@@ -779,7 +749,7 @@ class PostgresStore(Store):
         run("SAVEPOINT batch", ())
         try:
             outcomes = self._apply(run, batch)
-        except Exception as exc:  # reported on this batch's future only
+        except Exception as exc:  # reported on this batch's commit only
             if conn.broken or conn.info.transaction_status not in (
                 TransactionStatus.INTRANS,
                 TransactionStatus.INERROR,
@@ -982,19 +952,12 @@ class PostgresStore(Store):
 
     def close(self) -> None:
         """Commit everything already submitted, stop the writer, close every connection."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
+        if not self._writes.close():
+            return  # closed already
         if threading.current_thread() is not self._writer:
             self._writer.join()
         self._pool.close()
         self._watchdog.stop()
-
-
-def _rows(batch: Batch) -> int:
-    return len(batch.events) + len(batch.rejections)
 
 
 def _event_row(
@@ -1014,7 +977,7 @@ def _stored_event(row: _Row) -> StoredEvent:
 
 
 def _unavailable(message: str, cause: BaseException) -> StoreUnavailable:
-    # One instance per future: a shared exception would have its traceback rewritten by
+    # One instance per commit: a shared exception would have its traceback rewritten by
     # every thread that raises it.
     error = StoreUnavailable(message)
     error.__cause__ = cause

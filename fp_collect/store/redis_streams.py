@@ -54,7 +54,7 @@ replicas receive a script's writes as one MULTI/EXEC block, and Redis refuses a 
 for lack of memory only before its first write. What could split one is a write refused
 half-way through, and that takes another program meddling with these keys: a key
 overwritten with another type, or the ``ids:`` counters deleted while the streams remain
-(XADD then refuses the smaller ID). The future resolves once Redis has answered the
+(XADD then refuses the smaller ID). The commit is settled once Redis has answered the
 script: what that survives is Redis' persistence configuration (``appendonly yes`` with
 ``appendfsync always`` for a 2xx to survive power loss; replication is asynchronous).
 Keep ``maxmemory-policy noeviction``: an evicted dedup hash or claim would be forgotten.
@@ -63,14 +63,14 @@ keys in many hash slots.
 
 **Group commit.** One writer thread per store takes every queued batch (up to
 ``MAX_GROUP``) and sends their scripts in one pipeline: each batch is still its own
-atomic step. A batch whose future was cancelled before the writer took it is skipped.
+atomic step. A batch whose commit was cancelled before the writer took it is skipped.
 
 **Outages.** Every socket operation is bounded by ``socket_timeout`` and
 ``socket_connect_timeout`` (3 and 2 seconds unless the URL says otherwise). redis-py's own
 retries are turned off: a script resent after its answer was lost would find its own
 writes and report its events as duplicates of themselves. When Redis cannot be reached
 or does not answer, the group being committed fails with :class:`StoreUnavailable`, and
-so does every batch queued behind it, at once: a future fails within one such timeout
+so does every batch queued behind it, at once: a batch fails within one such timeout
 (``socket_connect_timeout + socket_timeout``) after the attempt in progress when it was
 submitted, so within about twice that at worst, 10 seconds by default. Nothing needs
 restarting: the next batch connects again. A batch whose answer was lost may or may not
@@ -93,12 +93,10 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -116,6 +114,7 @@ from fp_collect.store.base import (
     STORED,
     UNKNOWN_USER,
     Batch,
+    Commit,
     EventRecord,
     Identity,
     Outcome,
@@ -125,6 +124,7 @@ from fp_collect.store.base import (
     StoredEvent,
     StoredProfile,
     StoredRejection,
+    WriteQueue,
     claim_is_held,
     refused_records,
 )
@@ -610,7 +610,7 @@ class _Conflict:
 @dataclass(slots=True)
 class _Job:
     batch: Batch
-    future: Future[list[Outcome]]
+    commit: Commit
     attempts: int = 0
     # Values a failed check named: read up front next time, so that a plan that relied
     # on one without reading it (see _Tx.absent) sees it.
@@ -657,9 +657,7 @@ class RedisStore(Store):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad Redis storage URL {_redact(url)!r}: {exc}") from exc
         self._commit = self._client.register_script(_COMMIT)
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._closed = False
+        self._writes = WriteQueue("Redis store is closed")
         # How many times a batch was planned again after another writer got in first.
         self.conflicts = 0
         self._writer = threading.Thread(target=self._run, name="fp-collect-redis", daemon=True)
@@ -676,23 +674,14 @@ class RedisStore(Store):
 
     # -- writing -------------------------------------------------------------------------
 
-    def submit(self, batch: Batch) -> Future[list[Outcome]]:
-        future: Future[list[Outcome]] = Future()
-        with self._lock:
-            if self._closed:
-                raise StoreUnavailable("Redis store is closed")
-            self._queue.put(_Job(batch, future))
-        return future
+    def submit(self, batch: Batch) -> Commit:
+        return self._writes.submit(batch)
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            group, stopping = self._drain([first])
-            # A caller may have cancelled its future while it waited; it is then not written.
-            group = [job for job in group if job.future.set_running_or_notify_cancel()]
+            taken, stopping = self._writes.next_group(MAX_GROUP)
+            group = [_Job(job.batch, job.commit) for job in taken]
             try:
                 self._commit_group(group)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -700,27 +689,18 @@ class RedisStore(Store):
                 # that queued behind it rather than letting each wait for its own timeout.
                 for job in group:
                     _fail(job, f"Redis commit failed: {exc}", exc)
-                queued, closing = self._drain([])
+                queued, closing = self._writes.take_all()
                 stopping = stopping or closing
-                for job in queued:
-                    if job.future.set_running_or_notify_cancel():
-                        _fail(job, f"Redis commit failed: {exc}", exc)
+                for queued_job in queued:
+                    _fail(
+                        _Job(queued_job.batch, queued_job.commit),
+                        f"Redis commit failed: {exc}",
+                        exc,
+                    )
             except Exception as exc:  # noqa: BLE001 - any failure here must reach every caller
                 for job in group:
                     _fail(job, f"Redis commit failed: {exc}", exc)
         self._client.close()
-
-    def _drain(self, group: list[_Job]) -> tuple[list[_Job], bool]:
-        """``group`` plus what is queued (up to MAX_GROUP), and whether close() was called."""
-        while len(group) < MAX_GROUP:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return group, False
-            if job is None:
-                return group, True
-            group.append(job)
-        return group, False
 
     def _commit_group(self, group: list[_Job]) -> None:
         pending = group
@@ -734,15 +714,13 @@ class RedisStore(Store):
                     if result.cell is not None:
                         job.stale.append(result.cell)
                     if job.attempts >= MAX_ATTEMPTS:
-                        job.future.set_exception(
+                        job.commit.set_exception(
                             StoreUnavailable(f"batch not stored: {job.attempts} conflicts")
                         )
                     else:
                         retry.append(job)
-                elif isinstance(result, BaseException):
-                    job.future.set_exception(result)
                 else:
-                    job.future.set_result(result)
+                    job.commit.settle(result)
             if retry and retry[0].attempts > 2:
                 # Beaten again and again: let the other writers through first.
                 time.sleep(random.uniform(0, 0.001 * retry[0].attempts))
@@ -963,10 +941,7 @@ class RedisStore(Store):
 
     def close(self) -> None:
         """Commit (or fail) everything already submitted, then stop the writer."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._queue.put(None)
+        self._writes.close()
         if threading.current_thread() is not self._writer:
             self._writer.join()
 
@@ -1109,12 +1084,12 @@ def _text(value: object) -> str | None:
 
 
 def _fail(job: _Job, message: str, cause: BaseException) -> None:
-    if not job.future.done():
-        job.future.set_exception(_unavailable(message, cause))
+    if not job.commit.done():
+        job.commit.set_exception(_unavailable(message, cause))
 
 
 def _unavailable(message: str, cause: BaseException) -> StoreUnavailable:
-    # One instance per future: a shared exception would have its traceback rewritten by
+    # One instance per commit: a shared exception would have its traceback rewritten by
     # every thread that raises it.
     error = StoreUnavailable(message)
     error.__cause__ = cause

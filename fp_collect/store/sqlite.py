@@ -17,10 +17,11 @@ Design:
   who owns the identities its events name, then inserts each batch's events with one
   ``executemany``, with no savepoint per batch. If any batch fails, the group is rolled
   back and redone one event at a time with one SAVEPOINT per batch: a batch that fails
-  rolls back alone and fails only its own future; the rest of the group still commits.
-* **Durable before success.** Futures resolve only after COMMIT returns. If the group
-  cannot commit, every future in it gets :class:`StoreUnavailable`; the writer drops its
-  connection, opens a fresh one for the next group and keeps serving.
+  rolls back alone and fails only its own commit; the rest of the group still commits.
+* **Durable before success.** A batch's :class:`Commit` is settled only after COMMIT
+  returns. If the group cannot commit, every batch in it fails with
+  :class:`StoreUnavailable`; the writer drops its connection, opens a fresh one for the
+  next group and keeps serving.
 
 ``synchronous="FULL"`` (the default) makes a commit survive power loss. ``"NORMAL"`` is
 faster but may lose the last commits on power loss (never on a process crash).
@@ -32,14 +33,12 @@ RuntimeError) so requests racing a graceful shutdown are answered 503, not 500.
 from __future__ import annotations
 
 import os
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import closing
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import ujson
@@ -51,14 +50,17 @@ from fp_collect.store.base import (
     STORED,
     UNKNOWN_USER,
     Batch,
+    Commit,
     EventRecord,
     Identity,
+    Job,
     Outcome,
     Query,
     Store,
     StoredEvent,
     StoredProfile,
     StoredRejection,
+    WriteQueue,
     claim_is_held,
     refused_records,
 )
@@ -172,12 +174,12 @@ _INSERT_EVENT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (source_id, message_id) DO NOTHING"
 )
+_UPSERT_CLAIM = "INSERT OR REPLACE INTO claims (source_id, kind, key, until) VALUES (?, ?, ?, ?)"
 _INSERT_REJECTION = (
     "INSERT INTO rejections (source_id, reason, message, received_at, endpoint, payload, idx,"
     " message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
-_Job = tuple[Batch, Future[list[Outcome]]]
 _Row = tuple[Any, ...]
 
 
@@ -197,10 +199,8 @@ class SQLiteStore(Store):
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._create_schema()
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writes = WriteQueue(f"SQLite store {self._path!r} is closed")
         self._conn: sqlite3.Connection | None = None  # owned by the writer thread only
-        self._lock = threading.Lock()
-        self._closed = False
         self._writer = threading.Thread(target=self._run, name="fp-collect-sqlite", daemon=True)
         self._writer.start()
 
@@ -253,43 +253,20 @@ class SQLiteStore(Store):
 
     # -- writing -------------------------------------------------------------------------
 
-    def submit(self, batch: Batch) -> Future[list[Outcome]]:
-        future: Future[list[Outcome]] = Future()
-        # The lock orders submit against close, so no job lands behind the stop sentinel.
-        with self._lock:
-            if self._closed:
-                raise StoreUnavailable(f"SQLite store {self._path!r} is closed")
-            self._queue.put((batch, future))
-        return future
+    def submit(self, batch: Batch) -> Commit:
+        return self._writes.submit(batch)
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            group = [first]
-            while len(group) < MAX_GROUP:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                group.append(job)
-            self._commit_group(group)
+            group, stopping = self._writes.next_group(MAX_GROUP)
+            if group:
+                self._commit_group(group)
         if self._conn is not None:
             self._conn.close()
 
-    def _commit_group(self, group: list[_Job]) -> None:
-        # A caller may have cancelled its future while it waited; it is then not written.
-        group = [
-            (batch, future) for batch, future in group if future.set_running_or_notify_cancel()
-        ]
-        if not group:
-            return
-        results: list[tuple[Future[list[Outcome]], list[Outcome] | BaseException]]
+    def _commit_group(self, group: list[Job]) -> None:
+        results: list[tuple[Commit, list[Outcome] | BaseException]]
         try:
             if self._conn is None:
                 self._conn = self._connect()
@@ -299,14 +276,17 @@ class SQLiteStore(Store):
             try:
                 # Optimistically: the whole group in one transaction without savepoints
                 # (two statements per batch, and a batch almost never fails); what its
-                # events need to know -- which message ids are stored, who owns their
-                # identities -- looked up set-wise; each batch's events inserted at once.
+                # events need to know -- which message ids are stored, which claims are
+                # held, who owns their identities -- looked up set-wise; the group's
+                # events and claims inserted at once at the end.
                 graph = _SQLGraph(conn)
-                stored = _prefetch(conn, graph, [batch for batch, _ in group])
+                known = _prefetch(conn, graph, [job.batch for job in group])
+                rows = _Rows()
                 results = [
-                    (future, self._apply_fast(conn, graph, stored, batch))
-                    for batch, future in group
+                    (job.commit, self._apply_fast(conn, graph, known, rows, job.batch))
+                    for job in group
                 ]
+                rows.insert(conn)
             except Exception:
                 if not conn.in_transaction:
                     raise  # SQLite rolled the transaction back itself (disk full, I/O)
@@ -316,22 +296,18 @@ class SQLiteStore(Store):
                 conn.execute("BEGIN IMMEDIATE")
                 graph = _SQLGraph(conn)
                 results = [
-                    (future, self._apply_in_savepoint(conn, graph, batch))
-                    for batch, future in group
+                    (job.commit, self._apply_in_savepoint(conn, graph, job.batch)) for job in group
                 ]
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - any failure here must reach every caller
             if self._conn is not None:
                 self._conn.close()  # rolls back; the next group reconnects from scratch
                 self._conn = None
-            for _, future in group:
-                future.set_exception(_unavailable(f"SQLite commit failed: {exc}", exc))
+            for job in group:
+                job.commit.set_exception(_unavailable(f"SQLite commit failed: {exc}", exc))
             return
-        for future, result in results:
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        for commit, result in results:
+            commit.settle(result)
 
     def _apply_in_savepoint(
         self, conn: sqlite3.Connection, graph: _SQLGraph, batch: Batch
@@ -339,7 +315,7 @@ class SQLiteStore(Store):
         conn.execute("SAVEPOINT batch")
         try:
             outcomes = self._apply(conn, graph, batch)
-        except Exception as exc:  # reported on this batch's future only
+        except Exception as exc:  # reported on this batch's commit only
             if not conn.in_transaction:
                 # Some errors (disk full, I/O) make SQLite roll back the whole
                 # transaction: the other batches are gone too, so fail the group.
@@ -355,23 +331,33 @@ class SQLiteStore(Store):
         self,
         conn: sqlite3.Connection,
         graph: _SQLGraph,
-        stored: set[tuple[str, str]],
+        known: _Known,
+        rows: _Rows,
         batch: Batch,
     ) -> list[Outcome]:
-        """:meth:`_apply` for a batch whose message ids and identities :func:`_prefetch`
-        looked up: no query per event to find duplicates, one INSERT for all events.
+        """:meth:`_apply` for a batch whose message ids, claims and identities
+        :func:`_prefetch` looked up: no query per event to find duplicates or held
+        claims; the rows to insert are added to ``rows``, written once for the group.
 
-        ``stored`` holds every (source, message id) among them already in the file, and
-        gains each one written here. Claims need the one-at-a-time path.
+        The same decisions as :meth:`_apply_event`, in the same order, from ``known``,
+        which gains each message id and claim written here.
         """
-        if any(event.claims for event in batch.events):
-            return self._apply(conn, graph, batch, stored)
         outcomes: list[Outcome] = []
-        rows: list[_Row] = []
+        stored, held = known.stored, known.claims
         for event in batch.events:
-            key = (event.source_id, event.message_id)
-            if key in stored:
+            source_id = event.source_id
+            blocked_by: str | None = None
+            for claim in event.claims:
+                claim_key = (source_id, claim.kind, claim.key)
+                if claim_key in held and claim_is_held(held[claim_key], claim.at):
+                    blocked_by = claim.kind
+                    break
+            key = (source_id, event.message_id)
+            if key in stored:  # a duplicate is one even when its claim is also held
                 outcomes.append(DUPLICATE)
+                continue
+            if blocked_by is not None:
+                outcomes.append(Outcome(False, blocked_by))
                 continue
             profile_id = session_id = None
             if event.identity is not None:
@@ -382,31 +368,19 @@ class SQLiteStore(Store):
                 if event.session is not None:
                     session_id = resolve_session(graph, event.session, profile_id)
             stored.add(key)
-            rows.append(_event_row(event, profile_id, session_id))
+            rows.events.append(_event_row(event, profile_id, session_id))
+            for claim in event.claims:
+                held[(source_id, claim.kind, claim.key)] = claim.until
+                rows.claims.append((source_id, claim.kind, claim.key, claim.until))
             outcomes.append(
                 STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
             )
-        if rows:
-            inserted = conn.executemany(_INSERT_EVENT, rows).rowcount
-            if inserted != len(rows):  # never, while we hold the write lock
-                raise RuntimeError(f"{len(rows) - inserted} events were stored meanwhile")
         self._record_refused(conn, batch, outcomes)
         return outcomes
 
-    def _apply(
-        self,
-        conn: sqlite3.Connection,
-        graph: _SQLGraph,
-        batch: Batch,
-        stored: set[tuple[str, str]] | None = None,
-    ) -> list[Outcome]:
+    def _apply(self, conn: sqlite3.Connection, graph: _SQLGraph, batch: Batch) -> list[Outcome]:
         """Write ``batch`` one event at a time, every check a query of its own."""
-        outcomes = []
-        for event in batch.events:
-            outcome = self._apply_event(conn, graph, event)
-            if stored is not None and outcome.stored:
-                stored.add((event.source_id, event.message_id))
-            outcomes.append(outcome)
+        outcomes = [self._apply_event(conn, graph, event) for event in batch.events]
         self._record_refused(conn, batch, outcomes)
         return outcomes
 
@@ -458,8 +432,7 @@ class SQLiteStore(Store):
             return DUPLICATE
         if event.claims:
             conn.executemany(
-                "INSERT OR REPLACE INTO claims (source_id, kind, key, until) VALUES (?, ?, ?, ?)",
-                [(event.source_id, c.kind, c.key, c.until) for c in event.claims],
+                _UPSERT_CLAIM, [(event.source_id, c.kind, c.key, c.until) for c in event.claims]
             )
         return STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
 
@@ -546,10 +519,7 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         """Commit everything already submitted, stop the writer and close the file."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._queue.put(None)
+        self._writes.close()
         if threading.current_thread() is not self._writer:
             self._writer.join()
 
@@ -592,23 +562,52 @@ def _marks(values: list[str]) -> str:
     return ", ".join("?" * len(values))
 
 
-def _prefetch(
-    conn: sqlite3.Connection, graph: _SQLGraph, batches: list[Batch]
-) -> set[tuple[str, str]]:
+@dataclass(slots=True)
+class _Known:
+    """What :func:`_prefetch` found for a group, kept current while it is written:
+    the (source, message id) already stored, and the ``until`` of every claim already
+    held among the (source, kind, key) its events make (absent: not held)."""
+
+    stored: set[tuple[str, str]] = field(default_factory=set)
+    claims: dict[tuple[str, str, str], float | None] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Rows:
+    """A group's events and claims, inserted with one statement each (after every batch
+    of the group was decided: nothing decided later depends on these rows, only on
+    :class:`_Known`)."""
+
+    events: list[_Row] = field(default_factory=list)
+    claims: list[_Row] = field(default_factory=list)
+
+    def insert(self, conn: sqlite3.Connection) -> None:
+        if self.events:
+            inserted = conn.executemany(_INSERT_EVENT, self.events).rowcount
+            if inserted != len(self.events):  # never, while we hold the write lock
+                raise RuntimeError(f"{len(self.events) - inserted} events were stored meanwhile")
+        if self.claims:
+            conn.executemany(_UPSERT_CLAIM, self.claims)
+
+
+def _prefetch(conn: sqlite3.Connection, graph: _SQLGraph, batches: list[Batch]) -> _Known:
     """Look up, a few hundred at a time, what a group's events will ask one by one:
-    which (source, message id) are already stored -- returned --, and who owns each
-    identity they name -- remembered by ``graph``. Inside the write transaction, so the
-    answers hold until it ends."""
+    which (source, message id) are already stored and which of their claims are held
+    -- returned --, and who owns each identity they name -- remembered by ``graph``.
+    Inside the write transaction, so the answers hold until it ends."""
     message_ids: dict[str, set[str]] = {}
+    claims: dict[tuple[str, str], set[str]] = {}
     identities: dict[tuple[str, str], set[str]] = {}
     for batch in batches:
         for event in batch.events:
             message_ids.setdefault(event.source_id, set()).add(event.message_id)
+            for claim in event.claims:
+                claims.setdefault((event.source_id, claim.kind), set()).add(claim.key)
             op = event.identity
             if op is not None:
                 for identity in (*op.identities, *op.lookups):
                     identities.setdefault((op.scope, identity.kind), set()).add(identity.value)
-    stored: set[tuple[str, str]] = set()
+    known = _Known()
     for source_id, ids in message_ids.items():
         for chunk in _chunks(ids):
             rows = conn.execute(
@@ -616,12 +615,20 @@ def _prefetch(
                 f" AND message_id IN ({_marks(chunk)})",
                 (source_id, *chunk),
             )
-            stored.update((source_id, message_id) for (message_id,) in rows)
+            known.stored.update((source_id, message_id) for (message_id,) in rows)
+    for (source_id, kind), keys in claims.items():
+        for chunk in _chunks(keys):
+            rows = conn.execute(
+                "SELECT key, until FROM claims WHERE source_id = ? AND kind = ?"
+                f" AND key IN ({_marks(chunk)})",
+                (source_id, kind, *chunk),
+            )
+            known.claims.update(((source_id, kind, key), until) for key, until in rows)
     for (scope, kind), values in identities.items():
         for chunk in _chunks(values):
             graph.learn_owners(scope, kind, chunk)
     graph.learn_profiles()
-    return stored
+    return known
 
 
 def _stored_event(row: _Row) -> StoredEvent:
@@ -631,7 +638,7 @@ def _stored_event(row: _Row) -> StoredEvent:
 
 
 def _unavailable(message: str, cause: BaseException) -> StoreUnavailable:
-    # One instance per future: a shared exception would have its traceback rewritten by
+    # One instance per commit: a shared exception would have its traceback rewritten by
     # every thread that raises it.
     error = StoreUnavailable(message)
     error.__cause__ = cause

@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -39,11 +38,12 @@ from fp_collect.store import (
     RejectionRecord,
     open_store,
 )
-from fp_collect.store.base import Identity, IdentityOp, SessionOp, StoredProfile
+from fp_collect.store.base import Identity, IdentityOp, SessionOp
 from fp_collect.store.memory import MemoryStore
 from fp_collect.store.redis_streams import RedisStore
 
 from .conftest import redis_prefix
+from .groups import POOL, offered_ids_of_batch, random_events, same_profile
 
 TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
 HANG = 15.0  # "did not hang": far above the 0.5 s socket timeouts the outage tests use
@@ -455,57 +455,6 @@ def held_writer(store: RedisStore) -> Iterator[None]:
         release.set()
 
 
-POOL = [
-    Identity("anonymous_id", "a-1"),
-    Identity("anonymous_id", "a-2"),
-    Identity("user_id", "u-1"),
-    Identity("user_id", "u-2"),
-    Identity("email", "ann@example.com"),
-]
-
-
-@st.composite
-def random_events(draw: st.DrawFn) -> list[EventRecord]:
-    """Events of a few visitors: identities, merges, lookups, explicit profiles and
-    sessions, traits, claims and repeated messageIds, every id unique within the batch
-    (the test makes them unique across batches) where the store would otherwise fail the
-    batch (as SQL would) rather than pick one."""
-    events = []
-    for i in range(draw(st.integers(1, 14))):
-        at = float(draw(st.integers(0, 6)) * 1000)
-        op = IdentityOp(
-            scope="ws",
-            at=at,
-            identities=tuple(draw(st.lists(st.sampled_from(POOL), max_size=3, unique=True))),
-            lookups=tuple(draw(st.lists(st.sampled_from(POOL), max_size=1))),
-            profile_id=draw(st.none() | st.sampled_from(["PX-1", "PX-2"])),
-            new_profile_id=f"PR-{i}",
-            create=draw(st.booleans()),
-            merge=draw(st.booleans()),
-            traits=draw(st.none() | st.fixed_dictionaries({"n": st.integers(0, 3)})),
-        )
-        session = draw(
-            st.none()
-            | st.builds(
-                SessionOp,
-                at=st.just(at),
-                timeout=st.just(1800.0),
-                new_session_id=st.just(f"SE-{i}"),
-                session_id=st.none() | st.sampled_from(["SX-1", "SX-2"]),
-            )
-        )
-        claims = draw(st.lists(st.sampled_from([Claim("order_id", "o-1", at=at),
-                                                Claim("email_open", "e", at=at, until=at + 1500)]),
-                               max_size=2, unique=True))  # fmt: skip
-        message_id = draw(st.sampled_from([f"m{i}", "m-again"]))
-        events.append(
-            event(message_id, identity=op, session=session, claims=tuple(claims))
-            if draw(st.booleans())
-            else event(message_id, claims=tuple(claims))
-        )
-    return events
-
-
 @settings(max_examples=25, suppress_health_check=[HealthCheck.too_slow])
 @given(batches=st.lists(random_events(), min_size=1, max_size=4))
 def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
@@ -513,7 +462,7 @@ def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
 ) -> None:
     """The batches of one group are planned on top of each other's writes (before any is
     in Redis): the result must be what committing them one at a time gives."""
-    batches = [_offered_ids_of_batch(number, events) for number, events in enumerate(batches)]
+    batches = [offered_ids_of_batch(number, events) for number, events in enumerate(batches)]
     memory = MemoryStore()
     expected = [memory.commit(Batch(events=list(events))) for events in batches]
     with redis_prefix(redis_url) as url, RedisStore(url) as store:
@@ -528,36 +477,9 @@ def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
         assert rows(store) == rows(memory)
         assert [r.reason for r in store.rejections()] == [r.reason for r in memory.rejections()]
         for profile_id in {o.profile_id for outcomes in expected for o in outcomes}:
-            assert profile_id is None or _same_profile(
+            assert profile_id is None or same_profile(
                 store.profile(profile_id), memory.profile(profile_id)
             )
-
-
-def _offered_ids_of_batch(number: int, events: list[EventRecord]) -> list[EventRecord]:
-    """The profile and session ids ``random_events`` offers, made unique across batches:
-    an id offered twice is a caller's error that the stores report differently."""
-    for event in events:
-        if event.identity is not None:
-            event.identity = replace(
-                event.identity, new_profile_id=f"{event.identity.new_profile_id}-{number}"
-            )
-        if event.session is not None:
-            event.session = replace(
-                event.session, new_session_id=f"{event.session.new_session_id}-{number}"
-            )
-    return events
-
-
-def _same_profile(mine: StoredProfile | None, theirs: StoredProfile | None) -> bool:
-    assert mine is not None and theirs is not None
-    assert (mine.id, mine.scope, mine.created_at, mine.traits) == (
-        theirs.id,
-        theirs.scope,
-        theirs.created_at,
-        theirs.traits,
-    )
-    assert set(mine.identities) == set(theirs.identities)
-    return True
 
 
 def test_racing_writers_keep_every_index_consistent(url: str) -> None:

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import tempfile
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outcome, open_store
+from fp_collect.store.memory import MemoryStore
 from fp_collect.store.sqlite import SCHEMA_VERSION, SQLiteStore
+
+from .groups import offered_ids_of_batch, random_events, same_profile
 
 TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
 
@@ -163,6 +172,42 @@ def test_bad_options_are_refused(tmp_path: Path) -> None:
         SQLiteStore(tmp_path / "missing-dir" / "t.db")
 
 
+def _writer_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement the stores' connections run from now on."""
+    statements: list[str] = []
+    connect = SQLiteStore._connect
+
+    def traced(self: SQLiteStore) -> sqlite3.Connection:
+        conn = connect(self)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(SQLiteStore, "_connect", traced)
+    return statements
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("", "FULL"), ("?synchronous=NORMAL", "NORMAL"), ("?synchronous=full", "FULL")],
+)
+def test_the_url_chooses_synchronous_and_full_is_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, query: str, expected: str
+) -> None:
+    statements = _writer_statements(monkeypatch)
+    with open_store(f"sqlite:///{tmp_path / 'u.db'}{query}") as store:
+        assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+    assert f"PRAGMA synchronous = {expected}" in statements
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".db"] == ["u.db"]
+
+
+@pytest.mark.parametrize(
+    "query", ["?synchronous=OFF", "?synchronous=", "?journal_mode=MEMORY", "?synchronous"]
+)
+def test_other_url_options_are_refused(tmp_path: Path, query: str) -> None:
+    with pytest.raises(ConfigError):
+        open_store(f"sqlite:///{tmp_path / 'u.db'}{query}")
+
+
 def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     from fp_collect.store import sqlite as sqlite_module
 
@@ -252,3 +297,100 @@ def test_duplicates_are_found_within_one_group(tmp_path: Path) -> None:
         ]
         assert [row.message_id for row in store.events()] == ["m1", "m2", "m3", "m4"]
         assert [r.reason for r in store.rejections()] == ["duplicate_message_id"] * 3
+
+
+@contextmanager
+def held_writer(store: SQLiteStore) -> Iterator[None]:
+    """Keep the writer busy meanwhile, so that what is submitted makes one group."""
+    busy, release = threading.Event(), threading.Event()
+    original = store._commit_group
+
+    def hold(group: Any) -> None:
+        store._commit_group = original  # type: ignore[method-assign]
+        busy.set()
+        release.wait(TIMEOUT)
+        original(group)
+
+    store._commit_group = hold  # type: ignore[method-assign]
+    store.submit(Batch())
+    assert busy.wait(TIMEOUT)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def test_claims_are_decided_within_one_group_as_one_at_a_time(tmp_path: Path) -> None:
+    """The writer looks a group's claims up at once and remembers what it writes: a claim
+    held before the group, or taken earlier in it (by another batch or the same one),
+    blocks; an expired window does not; a duplicate stays a duplicate; a refused event
+    takes no claim."""
+    before = [
+        Batch(events=[event("pre-1", claims=(Claim("order_id", "o-pre", at=1.0),))]),
+        Batch(events=[event("pre-2", claims=(Claim("open", "e", at=1.0, until=100.0),))]),
+    ]
+    order = Claim("order_id", "o-1", at=1.0)
+    group = [
+        Batch(events=[event("m1", claims=(order,))]),
+        Batch(events=[event("m2", claims=(order,))]),  # held: taken by m1 just before
+        Batch(events=[event("m1", claims=(order,))]),  # a duplicate first, though held too
+        Batch(events=[event("m3", claims=(Claim("order_id", "o-pre", at=5.0),))]),
+        Batch(events=[event("m4", claims=(Claim("open", "e", at=200.0, until=300.0),))]),
+        Batch(events=[event("m5", claims=(Claim("open", "e", at=250.0, until=350.0),))]),
+        Batch(
+            events=[
+                event("m6", claims=(Claim("order_id", "o-2", at=1.0),)),
+                event("m7", claims=(Claim("order_id", "o-2", at=1.0),)),
+                event("m2", claims=(Claim("order_id", "o-3", at=1.0),)),  # m2 was refused
+                event("m8", claims=(Claim("order_id", "o-3", at=1.0),)),
+            ]
+        ),
+    ]
+    reference = MemoryStore()
+    for batch in before:
+        reference.commit(batch)
+    expected = [reference.commit(batch) for batch in group]
+    assert expected == [
+        [STORED],
+        [Outcome(False, "order_id")],
+        [DUPLICATE],
+        [Outcome(False, "order_id")],
+        [STORED],
+        [Outcome(False, "open")],
+        [STORED, Outcome(False, "order_id"), STORED, Outcome(False, "order_id")],
+    ]
+    with SQLiteStore(tmp_path / "t.db") as store:
+        for batch in before:
+            store.commit(batch, TIMEOUT)
+        with held_writer(store):
+            commits = [store.submit(batch) for batch in group]
+        assert [commit.result(TIMEOUT) for commit in commits] == expected
+        assert [e.message_id for e in store.events()] == [e.message_id for e in reference.events()]
+        assert [r.reason for r in store.rejections()] == [r.reason for r in reference.rejections()]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=st.lists(random_events(), min_size=1, max_size=4))
+def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
+    batches: list[list[EventRecord]],
+) -> None:
+    """The writer decides a group set-wise (dedup, claims and owners looked up at once,
+    events and claims inserted at the end): the result must be what committing its
+    batches one at a time gives."""
+    batches = [offered_ids_of_batch(number, events) for number, events in enumerate(batches)]
+    memory = MemoryStore()
+    expected = [memory.commit(Batch(events=list(events))) for events in batches]
+    with tempfile.TemporaryDirectory() as tmp, SQLiteStore(Path(tmp) / "t.db") as store:
+        with held_writer(store):
+            commits = [store.submit(Batch(events=list(events))) for events in batches]
+        assert [commit.result(TIMEOUT) for commit in commits] == expected
+
+        def rows(source: Any) -> list[tuple[str, str | None, str | None]]:
+            return [(r.message_id, r.profile_id, r.session_id) for r in source.events()]
+
+        assert rows(store) == rows(memory)
+        assert [r.reason for r in store.rejections()] == [r.reason for r in memory.rejections()]
+        for profile_id in {o.profile_id for outcomes in expected for o in outcomes}:
+            assert profile_id is None or same_profile(
+                store.profile(profile_id), memory.profile(profile_id)
+            )

@@ -1,0 +1,228 @@
+"""In-process benchmark of the SQLite store's writer: CPU per event of one group commit.
+
+Builds track calls exactly as a request would (the collector's own ``prepare``, the body
+``core_pipeline.py`` and ``http_load.py`` send: a random messageId, an order id of its own,
+so one order-id claim per event), then commits them through the real
+:class:`~fp_collect.store.sqlite.SQLiteStore` on a temporary file, a group at a time, and
+reports the CPU time the committing thread spent per event (``time.thread_time``: user
+and system time, so the WAL writes count; the fsync's wait does not).
+
+Cases: groups of 1 request (Flask under one sync worker: a transaction per request), 25
+(a group under Starlette load) and 100 single-event requests, and one ``/v1/batch`` of 100
+events; each for new visitors (a profile and an identity made per event) and returning
+ones (drawn from the users of the prefill).
+
+    python benchmarks/store_writer.py                 # about a minute
+    python benchmarks/store_writer.py --quick         # a smoke run of a few seconds
+    python benchmarks/store_writer.py --synchronous NORMAL --prefill 200000
+
+Absolute figures drift on a shared machine; compare runs made a few seconds apart, or
+use ``--repeat`` (the table shows each case's best round and the median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import random
+import sqlite3
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fp_collect import Collector, Request, Source
+from fp_collect.decoding import dumps
+from fp_collect.store.base import Batch, Commit, Job
+from fp_collect.store.sqlite import SQLiteStore
+
+WRITE_KEY = "bench-key"
+HEADERS = {
+    "authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(),
+    "content-type": "application/json",
+    "user-agent": "analytics-python/2.4.0",
+}
+USERS = 10_000  # the returning visitors: made by the prefill, as http_load.py cycles 10,000
+
+
+def track_message(user: str) -> dict[str, object]:
+    """The track call of ``core_pipeline.py``/``http_load.py`` (about 600 bytes)."""
+    message_id = str(uuid.uuid4())
+    return {
+        "type": "track",
+        "userId": user,
+        "anonymousId": None,
+        "event": "Order Completed",
+        "messageId": message_id,
+        "timestamp": "2026-11-23T10:00:00.123+00:00",
+        "properties": {
+            "order_id": f"order-{message_id}",
+            "revenue": 42.5,
+            "currency": "EUR",
+            "products": [{"sku": "sku-1", "name": "Towel", "price": 12.5, "quantity": 2}],
+        },
+        "context": {
+            "library": {"name": "analytics-python", "version": "2.4.0"},
+            "page": {"path": "/checkout", "url": "https://shop.example/checkout"},
+            "locale": "en-US",
+            "timezone": "Europe/Berlin",
+            "userAgent": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        },
+        "integrations": {},
+        "sentAt": "2026-11-23T10:00:00.456+00:00",
+    }
+
+
+class Requests:
+    """Batches as the collector prepares them for the store."""
+
+    def __init__(self) -> None:
+        self.collector = Collector(
+            sources=[Source(write_key=WRITE_KEY, id="bench")], storage="memory://"
+        )
+        self._new = 0
+
+    def user(self, users: Literal["new", "returning"]) -> str:
+        if users == "returning":
+            return f"user-{random.randrange(USERS)}"
+        self._new += 1
+        return f"new-{uuid.uuid4().hex[:8]}-{self._new}"
+
+    def _prepare(self, path: str, body: bytes) -> Batch:
+        route = self.collector.route(path)
+        assert route is not None
+        prepared = self.collector.prepare(route, Request("POST", path, "", HEADERS, body))
+        assert prepared.batch.events and not prepared.batch.rejections, prepared.batch
+        return prepared.batch
+
+    def track(self, users: Literal["new", "returning"]) -> Batch:
+        return self._prepare("/v1/track", dumps(track_message(self.user(users))).encode())
+
+    def batch(self, users: Literal["new", "returning"], size: int) -> Batch:
+        items = [track_message(self.user(users)) for _ in range(size)]
+        return self._prepare("/v1/batch", dumps({"batch": items}).encode())
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    requests: int  # batches per group
+    events: int  # events per batch
+    users: Literal["new", "returning"]
+
+
+CASES = [
+    Case(f"track x{size} {users}", size, 1, users)
+    for users in ("new", "returning")
+    for size in (1, 25, 100)
+] + [Case(f"batch100 x1 {users}", 1, 100, users) for users in ("new", "returning")]
+
+
+def commit_group(store: SQLiteStore, batches: list[Batch]) -> float:
+    """Commit ``batches`` as one group in this thread; its CPU seconds.
+
+    Calls the writer's own group commit directly (not through ``submit``) so that the
+    group is exactly these batches and its CPU is this thread's. The writer thread stays
+    idle: nothing is ever submitted to it.
+    """
+    jobs = []
+    for batch in batches:
+        commit = Commit()
+        commit.set_running_or_notify_cancel()
+        jobs.append(Job(batch, commit))
+    start = time.thread_time()
+    store._commit_group(jobs)
+    spent = time.thread_time() - start
+    for job in jobs:
+        job.commit.result(0)  # raises if the group failed
+    return spent
+
+
+def prefill(store: SQLiteStore, requests: Requests, events: int) -> None:
+    """``events`` events, every returning user among them, in batches of 100."""
+    users = [f"user-{i}" for i in range(USERS)]
+    random.shuffle(users)
+    made = 0
+    while made < events:
+        items = []
+        for _ in range(100):
+            user = users[made] if made < len(users) else f"user-{random.randrange(USERS)}"
+            items.append(track_message(user))
+            made += 1
+        body = dumps({"batch": items}).encode()
+        commit_group(store, [requests._prepare("/v1/batch", body)])
+
+
+def run_case(store: SQLiteStore, requests: Requests, case: Case, events: int) -> float:
+    """Commit about ``events`` events as ``case`` says; writer CPU µs per event."""
+    groups = max(1, events // (case.requests * case.events))
+    spent = 0.0
+    for _ in range(groups):
+        if case.events == 1:
+            batches = [requests.track(case.users) for _ in range(case.requests)]
+        else:
+            batches = [requests.batch(case.users, case.events) for _ in range(case.requests)]
+        spent += commit_group(store, batches)
+    return spent / (groups * case.requests * case.events) * 1e6
+
+
+def index_summary(path: Path) -> Iterator[str]:
+    with sqlite3.connect(path) as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        profiles = conn.execute("SELECT count(*) FROM profiles").fetchone()[0]
+    yield f"file: {rows:,} events, {profiles:,} profiles, {pages * size / 2**20:.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--events", type=int, help="events per case and round (default 2000)")
+    parser.add_argument("--prefill", type=int, help="events stored first (default 50000)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every case")
+    parser.add_argument("--synchronous", choices=("FULL", "NORMAL"), default="FULL")
+    parser.add_argument("--only", help="run the cases whose name contains this text")
+    args = parser.parse_args(argv)
+    events = args.events or (200 if args.quick else 2000)
+    prefill_events = args.prefill if args.prefill is not None else (2000 if args.quick else 50_000)
+    repeat = 1 if args.quick else args.repeat
+    cases = [case for case in CASES if args.only is None or args.only in case.name]
+    random.seed(6)
+
+    requests = Requests()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.db"
+        store = SQLiteStore(path, synchronous=args.synchronous)
+        try:
+            prefill(store, requests, prefill_events)
+            print(f"SQLite {sqlite3.sqlite_version}, synchronous={args.synchronous}, WAL;", end=" ")
+            print(f"{events} events per case and round, {repeat} round(s)")
+            print(*index_summary(path), "after the prefill")
+            figures: dict[str, list[float]] = {case.name: [] for case in cases}
+            for _ in range(repeat):
+                for case in cases:  # round after round: drift hits every case alike
+                    figures[case.name].append(run_case(store, requests, case, events))
+            print()
+            print(f"{'case':24} {'best us/event':>14} {'median':>8}")
+            for case in cases:
+                rounds = figures[case.name]
+                print(f"{case.name:24} {min(rounds):14.1f} {statistics.median(rounds):8.1f}")
+            print()
+            print(*index_summary(path), "at the end")
+        finally:
+            # The writer's connection was opened in this thread (commit_group): close it
+            # here, where SQLite allows it, before the writer thread stops.
+            if store._conn is not None:
+                store._conn.close()
+                store._conn = None
+            store.close()
+        requests.collector.close()
+
+
+if __name__ == "__main__":
+    main()
