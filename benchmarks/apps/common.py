@@ -13,7 +13,6 @@ import sqlite3
 from typing import Literal
 
 from fp_collect import Collector, Source
-from fp_collect.store.sqlite import SQLiteStore
 
 WRITE_KEY = "bench-key"
 PATHS = ("/collect/v1/track", "/collect/v1/batch")
@@ -26,13 +25,15 @@ def synchronous() -> Literal["FULL", "NORMAL"]:
 
 
 def collector() -> Collector:
-    """The collector every fp-collect app mounts: the store ``sqlite:///$FP_BENCH_DB``
-    opens (built directly only so that ``synchronous`` can be chosen)."""
+    """The collector every fp-collect app mounts, on ``sqlite:///$FP_BENCH_DB``, with
+    ``?synchronous=NORMAL`` when that is measured."""
     sources = [Source(write_key=WRITE_KEY, id="bench")]
     if os.environ.get("FP_BENCH_STORE") == "memory":
         return Collector(prefix="/collect", sources=sources, storage="memory://")
-    store = SQLiteStore(os.environ["FP_BENCH_DB"], synchronous=synchronous())
-    return Collector(prefix="/collect", sources=sources, store=store)
+    storage = f"sqlite:///{os.environ['FP_BENCH_DB']}"
+    if synchronous() == "NORMAL":
+        storage += "?synchronous=NORMAL"
+    return Collector(prefix="/collect", sources=sources, storage=storage)
 
 
 def open_handwritten_db() -> sqlite3.Connection:
