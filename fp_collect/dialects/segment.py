@@ -25,7 +25,7 @@ from fp_collect.dialects import Route
 from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
 from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, with_details
-from fp_collect.restrictions import user_key
+from fp_collect.restrictions import EMAIL_OPEN, user_key
 from fp_collect.store.base import (
     Batch,
     Claim,
@@ -288,7 +288,8 @@ class SegmentAPI:
             claims, claim_warnings = source.restrictions.claims_for(
                 restricted,
                 properties if isinstance(properties, dict) else None,
-                user_key(identity.identities),
+                # Only the email-open throttle counts by person.
+                user_key(identity.identities) if restricted == EMAIL_OPEN else None,
                 at,
             )
             warnings += claim_warnings
@@ -335,7 +336,7 @@ class SegmentAPI:
 class BatchDefaults:
     """Batch-level fields that apply to every item; the item's own fields win."""
 
-    __slots__ = ("context", "integrations", "sent_at")
+    __slots__ = ("_shared", "context", "integrations", "sent_at")
 
     def __init__(
         self, context: Message | None, integrations: Message | None, sent_at: object
@@ -343,6 +344,12 @@ class BatchDefaults:
         self.context = context
         self.integrations = integrations
         self.sent_at = sent_at
+        # What apply() merges, worked out once per batch rather than once per item.
+        self._shared = tuple(
+            (name, shared)
+            for name, shared in (("context", context), ("integrations", integrations))
+            if shared is not None
+        )
 
     @classmethod
     def from_body(cls, body: Message) -> BatchDefaults:
@@ -359,9 +366,7 @@ class BatchDefaults:
         return cls(context or None, integrations or None, sent_at)
 
     def apply(self, item: Message) -> None:
-        for name, shared in (("context", self.context), ("integrations", self.integrations)):
-            if shared is None:
-                continue
+        for name, shared in self._shared:
             own = item.get(name)
             if own is None:
                 item[name] = dict(shared)
@@ -378,10 +383,11 @@ def identity_op(message: Message, message_type: str, source: Source, at: float) 
     as both but attached as neither.
     """
     identities: list[Identity] = []
-    if message.get("userId"):
-        identities.append(Identity("user_id", message["userId"]))
-    if message.get("anonymousId"):
-        identities.append(Identity("anonymous_id", message["anonymousId"]))
+    user_id, anonymous_id = message.get("userId"), message.get("anonymousId")
+    if user_id:
+        identities.append(Identity("user_id", user_id))
+    if anonymous_id:
+        identities.append(Identity("anonymous_id", anonymous_id))
     context = message.get("context")  # a rule may have removed it
     context_traits = context.get("traits") if isinstance(context, dict) else None
     traits = None
