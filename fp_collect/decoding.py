@@ -220,6 +220,37 @@ def encode_event(value: JSONValue) -> str:
         raise ItemRejected("invalid_json", f"the event cannot be stored as JSON: {exc}") from exc
 
 
+def oversize_candidates(items: list[JSONValue], total_bytes: int, limit: int) -> set[int]:
+    """The indexes of ``items`` (parsed from ``total_bytes`` of JSON) that may take more
+    than ``limit`` bytes through :func:`encode_event`, or fail it: those to measure alone.
+
+    Serialising each item just to measure it costs about as much as storing it. A JSON
+    array is its items' encodings joined by commas, so items are measured in groups of
+    about half the limit instead: when a group fits, each of its items does. Only the
+    items of a group that does not fit, or cannot be encoded, are candidates.
+    """
+    group_size = limit // 2 // max(1, total_bytes // max(1, len(items)))
+    if group_size < 2:
+        return set(range(len(items)))
+    candidates: set[int] = set()
+    for start in range(0, len(items), group_size):
+        group = items[start : start + group_size]
+        if not _fits_together(group, limit):
+            candidates.update(range(start, start + len(group)))
+    return candidates
+
+
+def _fits_together(group: list[JSONValue], limit: int) -> bool:
+    """Whether every value of ``group`` passes :func:`encode_event` within ``limit``
+    bytes, from one encoding of the whole group."""
+    try:
+        size = len(dumps(group).encode("utf-8"))
+    except (ValueError, OverflowError):
+        return False
+    # The encoding is "[" + ",".join(items) + "]": brackets and commas are no item's.
+    return size - 1 - len(group) <= limit
+
+
 def dumps_lenient(value: JSONValue) -> str:
     """Serialise anything ujson parsed, for the record of a rejection: surrogates are
     escaped and NaN written out, so the record shows exactly what was refused."""

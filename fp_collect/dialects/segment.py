@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 from fp_collect import responses
 from fp_collect.auth import invalid_write_key
 from fp_collect.config import Source
-from fp_collect.decoding import encode_event, too_large
+from fp_collect.decoding import encode_event, oversize_candidates, too_large
 from fp_collect.dialects import Route
 from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
@@ -212,14 +212,22 @@ class SegmentAPI:
         except RequestRejected as rejected:
             return self._refused(rejected, incoming, payload, None, batch_shape=True)
 
-        # Only when the whole body could exceed the per-event limit is each item measured.
-        measure = len(payload) > self.limits.max_event_bytes
+        # Only when the whole body could exceed the per-event limit are items measured, and
+        # then only those that a measure of their group does not vouch for.
+        to_measure = (
+            oversize_candidates(items, len(payload), self.limits.max_event_bytes)
+            if len(payload) > self.limits.max_event_bytes
+            else frozenset()
+        )
         batch = Batch()
         errors: list[dict[str, object]] = []
         for index, item in enumerate(items):
             source = request_source
             try:
-                if measure and len(encode_event(item).encode()) > self.limits.max_event_bytes:
+                if (
+                    index in to_measure
+                    and len(encode_event(item).encode()) > self.limits.max_event_bytes
+                ):
                     raise ItemRejected(
                         "event_too_large", f"event larger than {self.limits.max_event_bytes} bytes"
                     )

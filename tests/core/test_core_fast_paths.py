@@ -12,6 +12,7 @@ from datetime import date, timedelta
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from fp_collect.decoding import dumps_lenient, encode_event, oversize_candidates
 from fp_collect.timestamps import MAX_EPOCH, MIN_EPOCH, format_iso
 
 # -- format_iso -------------------------------------------------------------------------
@@ -89,3 +90,53 @@ def test_format_iso_matches_the_uncached_code(base: float, steps: list[int]) -> 
     straddle a cached second), is written as before; out of range still raises."""
     for value in [base, *(base + step / 1000 for step in steps), base]:
         assert outcome(format_iso, value) == outcome(reference_format_iso, value), value
+
+
+# -- per-event size limit in a batch ------------------------------------------------------
+
+BATCH_ITEMS = st.lists(
+    st.one_of(
+        st.builds(
+            lambda text, number: {"type": "track", "event": text, "n": number},
+            st.text(alphabet=st.sampled_from('aé€😀"\\/<\n'), max_size=120),
+            st.one_of(st.integers(), st.floats()),  # NaN and infinities cannot be stored
+        ),
+        st.text(alphabet=st.sampled_from("a\ud800"), max_size=3),  # lone surrogates neither
+        st.lists(st.integers(), max_size=3),
+        st.none(),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@given(items=BATCH_ITEMS, limit=st.integers(1, 300), scale=st.floats(0.05, 2))
+@example(items=[{"event": "a" * 20}, []], limit=31, scale=0.05)  # 32 + 2 bytes
+@example(items=[{"event": "a" * 20}, {"event": "b" * 20}], limit=64, scale=0.5)
+@example(items=[{"event": "a" * 20}, {"event": "b" * 20}], limit=63, scale=0.5)
+@example(items=[{"n": math.nan}, {"event": "b"}], limit=100, scale=0.05)
+def test_items_left_out_of_the_measure_pass_it(
+    items: list[object], limit: int, scale: float
+) -> None:
+    """Every item that oversize_candidates vouches for encodes within the limit.
+
+    The body's size only sets the size of the groups: ``scale`` varies it around the
+    size of the items' own encoding."""
+    total_bytes = int(len(dumps_lenient(items)) * scale)
+    candidates = oversize_candidates(items, total_bytes, limit)
+    for index, item in enumerate(items):
+        if index not in candidates:
+            assert len(encode_event(item).encode()) <= limit, (index, item)
+
+
+def test_items_are_vouched_for_in_groups() -> None:
+    """The shortcut does its job: small items in a large body are not measured one by
+    one; the one too large, and its group, are."""
+    items: list[object] = [{"event": f"e{i}"} for i in range(100)]
+    assert oversize_candidates(items, 1_500, 150) == set()
+    items[42] = {"event": "x" * 200}
+    candidates = oversize_candidates(items, 1_700, 150)
+    assert 42 in candidates
+    assert len(candidates) < 10
+    # Items of about the limit's size are all measured.
+    assert oversize_candidates(items, 1_700 * 100, 150) == set(range(100))
