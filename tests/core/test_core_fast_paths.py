@@ -6,13 +6,18 @@ reference: the code it replaced, kept here, or the uncached function itself.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 from datetime import date, timedelta
 
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
+from fp_collect import Source
+from fp_collect.auth import KeyRing, basic_username
 from fp_collect.decoding import dumps_lenient, encode_event, oversize_candidates
+from fp_collect.errors import ConfigError
 from fp_collect.timestamps import MAX_EPOCH, MIN_EPOCH, format_iso
 
 # -- format_iso -------------------------------------------------------------------------
@@ -140,3 +145,72 @@ def test_items_are_vouched_for_in_groups() -> None:
     assert len(candidates) < 10
     # Items of about the limit's size are all measured.
     assert oversize_candidates(items, 1_700 * 100, 150) == set(range(100))
+
+
+# -- authentication -----------------------------------------------------------------------
+
+
+def reference_basic_username(authorization: str | None) -> str | None:
+    """basic_username before its cache."""
+    if not authorization:
+        return None
+    scheme, _, encoded = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    username, _, _password = decoded.partition(":")
+    return username or None
+
+
+def basic(credentials: str) -> str:
+    return "Basic " + base64.b64encode(credentials.encode("utf-8", "surrogatepass")).decode()
+
+
+HEADERS = st.one_of(
+    st.none(),
+    st.text(max_size=20),
+    st.text(max_size=12).map(basic),
+    st.tuples(st.text(max_size=8), st.text(max_size=600)).map(lambda p: basic(f"{p[0]}:{p[1]}")),
+    st.sampled_from(["basic  a2V5Og==", "Bearer a2V5Og==", "Basic a2V5Og", " BASIC a2V5Og== "]),
+)
+
+
+@given(headers=st.lists(HEADERS, max_size=8))
+@example(headers=[basic("key:"), basic("key:"), basic("other:" + "x" * 600), basic("k\ud800:")])
+def test_basic_username_matches_the_uncached_decoder(headers: list[str | None]) -> None:
+    for header in headers + headers:
+        assert basic_username(header) == reference_basic_username(header), header
+
+
+@given(
+    keys=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=4, unique=True),
+    enabled=st.lists(st.booleans(), min_size=4, max_size=4),
+    others=st.lists(st.one_of(st.text(max_size=7), st.none(), st.integers()), max_size=10),
+)
+@example(keys=["key", "Key"], enabled=[True, False, True, True], others=[])
+def test_a_key_ring_answers_the_same_once_it_remembers_keys(
+    keys: list[str], enabled: list[bool], others: list[object]
+) -> None:
+    """Only an enabled source's exact key resolves, before and after the ring has seen
+    it: near misses (case, prefix, suffix, spaces) and disabled sources' keys stay
+    unknown however often the real keys were presented."""
+    try:
+        sources = [
+            Source(write_key=key, id=f"s{index}", enabled=on)
+            for index, (key, on) in enumerate(zip(keys, enabled, strict=False))
+        ]
+    except ConfigError:
+        assume(False)
+    ring = KeyRing(sources)
+    near: list[object] = []
+    for key in keys:
+        near += [key.upper(), key.lower(), key + "x", key[:-1], f" {key}", key * 2]
+    for presented in [*keys, *near, *others, *keys, *near]:
+        expected = next(
+            (s for s in sources if s.enabled and s.write_key == presented),
+            None,
+        )
+        assert ring.resolve(presented) is expected, presented
