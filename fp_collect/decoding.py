@@ -38,6 +38,8 @@ _LONG_DIGIT_RUN = b"9" * 19
 _NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'[]{}"\\')
 # ...then turn openers into +1 and closers into -1 (as signed bytes).
 _BRACKET_SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+# Bodies up to this size have their openers counted in place (see _shallow).
+_COUNT_IN_BODY_BYTES = 4096
 
 
 def check_content_type(headers: Mapping[str, str]) -> None:
@@ -143,15 +145,22 @@ def _shallow(raw: bytes, max_depth: int) -> bool:
     the parsed value. Strings are dropped as ``""`` pairs once escapes are gone; if a
     quote survives, some string holds a bracket and only a walk can tell (False).
     """
-    if raw.count(b"{") + raw.count(b"[") <= max_depth:
+    # Few openers: certainly shallow. A small body (a single call) is counted as it is;
+    # a large one (a batch) has more openers than the limit anyway, so they are counted
+    # in the projection instead, sparing two passes over the whole body.
+    if len(raw) <= _COUNT_IN_BODY_BYTES and raw.count(b"{") + raw.count(b"[") <= max_depth:
         return True
     projection = raw.translate(None, _NOT_STRUCTURE)
+    if projection.count(b"{") + projection.count(b"[") <= max_depth:
+        return True
     if b"\\" in projection:
         projection = projection.replace(b"\\\\", b"").replace(b'\\"', b"").replace(b"\\", b"")
-    projection = projection.replace(b'""', b"")
-    if b'"' in projection:
+    # Each string is now a pair of quotes; if one is not (some string holds a bracket),
+    # removing the pairs leaves a quote. Counting finds that without building a copy:
+    # count() and replace() both take non-overlapping pairs from the left.
+    if projection.count(b'"') != 2 * projection.count(b'""'):
         return False
-    signs = memoryview(projection.translate(_BRACKET_SIGNS)).cast("b")
+    signs = memoryview(projection.translate(_BRACKET_SIGNS, b'"')).cast("b")
     return max(accumulate(signs), default=0) <= max_depth
 
 

@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 from datetime import date, timedelta
+from itertools import accumulate
 
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from fp_collect import Source
 from fp_collect.auth import KeyRing, basic_username
-from fp_collect.decoding import dumps_lenient, encode_event, oversize_candidates
+from fp_collect.decoding import (
+    _BRACKET_SIGNS,
+    _NOT_STRUCTURE,
+    _shallow,
+    dumps_lenient,
+    encode_event,
+    oversize_candidates,
+)
 from fp_collect.errors import ConfigError
 from fp_collect.timestamps import MAX_EPOCH, MIN_EPOCH, format_iso
 
@@ -214,3 +223,47 @@ def test_a_key_ring_answers_the_same_once_it_remembers_keys(
             None,
         )
         assert ring.resolve(presented) is expected, presented
+
+
+# -- nesting depth on the raw bytes -------------------------------------------------------
+
+
+def reference_shallow(raw: bytes, max_depth: int) -> bool:
+    """_shallow before it counted openers in the projection."""
+    if raw.count(b"{") + raw.count(b"[") <= max_depth:
+        return True
+    projection = raw.translate(None, _NOT_STRUCTURE)
+    if b"\\" in projection:
+        projection = projection.replace(b"\\\\", b"").replace(b'\\"', b"").replace(b"\\", b"")
+    projection = projection.replace(b'""', b"")
+    if b'"' in projection:
+        return False
+    signs = memoryview(projection.translate(_BRACKET_SIGNS)).cast("b")
+    return max(accumulate(signs), default=0) <= max_depth
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(
+        st.none(),
+        st.integers(),
+        st.text(alphabet=st.sampled_from('ab[]{}"\\/é'), max_size=6),
+    ),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(alphabet=st.sampled_from('k[{"\\'), max_size=3), children, max_size=4
+        )
+    ),
+    max_leaves=30,
+)
+
+
+@given(value=JSON_VALUES, max_depth=st.integers(0, 8), padding=st.sampled_from([0, 5000]))
+@example(value=[[["a"]], {"k": '"[['}], max_depth=2, padding=5000)
+@example(value=[[[[[]]]]], max_depth=4, padding=5000)
+@example(value=[[[[]]], [[[]]]], max_depth=4, padding=5000)  # exactly the limit
+def test_shallow_answers_as_before(value: object, max_depth: int, padding: int) -> None:
+    """Bodies above and below the size where openers are counted in the projection."""
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False, indent=1)):
+        raw = (text + " " * padding).encode()
+        assert _shallow(raw, max_depth) == reference_shallow(raw, max_depth), raw[:200]
