@@ -38,6 +38,8 @@ _LONG_DIGIT_RUN = b"9" * 19
 _NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'[]{}"\\')
 # ...then turn openers into +1 and closers into -1 (as signed bytes).
 _BRACKET_SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+# Bodies up to this size have their openers counted in place (see _shallow).
+_COUNT_IN_BODY_BYTES = 4096
 
 
 def check_content_type(headers: Mapping[str, str]) -> None:
@@ -143,15 +145,22 @@ def _shallow(raw: bytes, max_depth: int) -> bool:
     the parsed value. Strings are dropped as ``""`` pairs once escapes are gone; if a
     quote survives, some string holds a bracket and only a walk can tell (False).
     """
-    if raw.count(b"{") + raw.count(b"[") <= max_depth:
+    # Few openers: certainly shallow. A small body (a single call) is counted as it is;
+    # a large one (a batch) has more openers than the limit anyway, so they are counted
+    # in the projection instead, sparing two passes over the whole body.
+    if len(raw) <= _COUNT_IN_BODY_BYTES and raw.count(b"{") + raw.count(b"[") <= max_depth:
         return True
     projection = raw.translate(None, _NOT_STRUCTURE)
+    if projection.count(b"{") + projection.count(b"[") <= max_depth:
+        return True
     if b"\\" in projection:
         projection = projection.replace(b"\\\\", b"").replace(b'\\"', b"").replace(b"\\", b"")
-    projection = projection.replace(b'""', b"")
-    if b'"' in projection:
+    # Each string is now a pair of quotes; if one is not (some string holds a bracket),
+    # removing the pairs leaves a quote. Counting finds that without building a copy:
+    # count() and replace() both take non-overlapping pairs from the left.
+    if projection.count(b'"') != 2 * projection.count(b'""'):
         return False
-    signs = memoryview(projection.translate(_BRACKET_SIGNS)).cast("b")
+    signs = memoryview(projection.translate(_BRACKET_SIGNS, b'"')).cast("b")
     return max(accumulate(signs), default=0) <= max_depth
 
 
@@ -218,6 +227,37 @@ def encode_event(value: JSONValue) -> str:
         return text
     except (ValueError, OverflowError) as exc:
         raise ItemRejected("invalid_json", f"the event cannot be stored as JSON: {exc}") from exc
+
+
+def oversize_candidates(items: list[JSONValue], total_bytes: int, limit: int) -> set[int]:
+    """The indexes of ``items`` (parsed from ``total_bytes`` of JSON) that may take more
+    than ``limit`` bytes through :func:`encode_event`, or fail it: those to measure alone.
+
+    Serialising each item just to measure it costs about as much as storing it. A JSON
+    array is its items' encodings joined by commas, so items are measured in groups of
+    about half the limit instead: when a group fits, each of its items does. Only the
+    items of a group that does not fit, or cannot be encoded, are candidates.
+    """
+    group_size = limit // 2 // max(1, total_bytes // max(1, len(items)))
+    if group_size < 2:
+        return set(range(len(items)))
+    candidates: set[int] = set()
+    for start in range(0, len(items), group_size):
+        group = items[start : start + group_size]
+        if not _fits_together(group, limit):
+            candidates.update(range(start, start + len(group)))
+    return candidates
+
+
+def _fits_together(group: list[JSONValue], limit: int) -> bool:
+    """Whether every value of ``group`` passes :func:`encode_event` within ``limit``
+    bytes, from one encoding of the whole group."""
+    try:
+        size = len(dumps(group).encode("utf-8"))
+    except (ValueError, OverflowError):
+        return False
+    # The encoding is "[" + ",".join(items) + "]": brackets and commas are no item's.
+    return size - 1 - len(group) <= limit
 
 
 def dumps_lenient(value: JSONValue) -> str:

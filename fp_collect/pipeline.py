@@ -177,11 +177,12 @@ class Pipeline:
         Returns the event to keep and the warnings it is stored with (a rule that failed,
         a name that breaks the guidelines). A strict source refuses such a name instead.
         """
-        warnings: list[str] = []
-        if source.rules:
+        warnings: tuple[str, ...] = ()
+        # The tuple of rules, not the RuleSet: its __len__ would be a Python call per event.
+        if source.rules.rules:
             result = source.rules.apply(message)
             message = result.event
-            warnings.extend(
+            warnings = tuple(
                 f"rule {error.rule_index} ({error.rule_name}): {error.message}"
                 for error in result.errors
             )
@@ -195,8 +196,9 @@ class Pipeline:
                     f"event name {name[:100]!r} breaks the naming guidelines: "
                     + " ".join(verdict.warnings),
                 )
-            warnings.extend(f"event name: {warning}" for warning in verdict.warnings)
-        return message, tuple(warnings)
+            if verdict.warnings:
+                warnings += tuple(f"event name: {warning}" for warning in verdict.warnings)
+        return message, warnings
 
     def check_bot(self, source: Source, incoming: Incoming) -> tuple[str, ...]:
         """Discard (or flag, as the source says) browser traffic from a crawler.

@@ -40,6 +40,8 @@ EMAIL_OPEN = "email_open"
 _ORDER_ID = ("order_id", "orderId")
 _EMAIL_ID = ("email_id", "emailId")
 _CAMPAIGN_ID = ("campaign_id", "campaignId")
+# What an id may be; a tuple, since ``int | str | float`` would be built on every call.
+_ID_TYPES = (int, str, float)
 # Longer keys are stored as their SHA-256: a hostile id must not bloat the claims table.
 _MAX_KEY_LENGTH = 128
 
@@ -162,8 +164,10 @@ def _first_id(properties: Mapping[str, object], names: tuple[str, ...]) -> str |
             continue
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, int | str | float) and str(value) not in ("", "nan", "inf"):
-            return str(value)
+        if isinstance(value, _ID_TYPES):
+            text = str(value)
+            if text not in ("", "nan", "inf"):
+                return text
     return None
 
 

@@ -72,13 +72,22 @@ def _parse_with_pattern(text: str) -> float | None:
 def format_iso(epoch_seconds: float) -> str:
     """``YYYY-MM-DDTHH:MM:SS.mmmZ`` in UTC, the one form we write (years 1 to 9999)."""
     # Whole milliseconds first: a float such as ...59.999 may be ...59.998999 inside.
-    millis = round(epoch_seconds * 1000)
-    seconds, milli = divmod(millis, 1000)
+    seconds, milli = divmod(round(epoch_seconds * 1000), 1000)
+    # Runs about twice per event, and the events of a moment share their second: the
+    # text up to the second comes from a cache, the milliseconds from a table.
+    return _whole_second(seconds) + _MILLIS[milli]
+
+
+@lru_cache(maxsize=1024)
+def _whole_second(seconds: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of the UTC second ``seconds`` after the epoch."""
     day, second_of_day = divmod(seconds, 86400)
     hour, rest = divmod(second_of_day, 3600)
     minute, second = divmod(rest, 60)
-    # Runs for every event: the date part comes from a cache, the rest is arithmetic.
-    return f"{_date(day)}T{hour:02d}:{minute:02d}:{second:02d}.{milli:03d}Z"
+    return f"{_date(day)}T{hour:02d}:{minute:02d}:{second:02d}"
+
+
+_MILLIS = tuple(f".{milli:03d}Z" for milli in range(1000))
 
 
 @lru_cache(maxsize=1024)

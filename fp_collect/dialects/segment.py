@@ -20,12 +20,12 @@ from urllib.parse import parse_qs
 from fp_collect import responses
 from fp_collect.auth import invalid_write_key
 from fp_collect.config import Source
-from fp_collect.decoding import encode_event, too_large
+from fp_collect.decoding import encode_event, oversize_candidates, too_large
 from fp_collect.dialects import Route
 from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
 from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, with_details
-from fp_collect.restrictions import user_key
+from fp_collect.restrictions import EMAIL_OPEN, user_key
 from fp_collect.store.base import (
     Batch,
     Claim,
@@ -212,14 +212,22 @@ class SegmentAPI:
         except RequestRejected as rejected:
             return self._refused(rejected, incoming, payload, None, batch_shape=True)
 
-        # Only when the whole body could exceed the per-event limit is each item measured.
-        measure = len(payload) > self.limits.max_event_bytes
+        # Only when the whole body could exceed the per-event limit are items measured, and
+        # then only those that a measure of their group does not vouch for.
+        to_measure = (
+            oversize_candidates(items, len(payload), self.limits.max_event_bytes)
+            if len(payload) > self.limits.max_event_bytes
+            else frozenset()
+        )
         batch = Batch()
         errors: list[dict[str, object]] = []
         for index, item in enumerate(items):
             source = request_source
             try:
-                if measure and len(encode_event(item).encode()) > self.limits.max_event_bytes:
+                if (
+                    index in to_measure
+                    and len(encode_event(item).encode()) > self.limits.max_event_bytes
+                ):
                     raise ItemRejected(
                         "event_too_large", f"event larger than {self.limits.max_event_bytes} bytes"
                     )
@@ -288,7 +296,8 @@ class SegmentAPI:
             claims, claim_warnings = source.restrictions.claims_for(
                 restricted,
                 properties if isinstance(properties, dict) else None,
-                user_key(identity.identities),
+                # Only the email-open throttle counts by person.
+                user_key(identity.identities) if restricted == EMAIL_OPEN else None,
                 at,
             )
             warnings += claim_warnings
@@ -335,7 +344,7 @@ class SegmentAPI:
 class BatchDefaults:
     """Batch-level fields that apply to every item; the item's own fields win."""
 
-    __slots__ = ("context", "integrations", "sent_at")
+    __slots__ = ("_shared", "context", "integrations", "sent_at")
 
     def __init__(
         self, context: Message | None, integrations: Message | None, sent_at: object
@@ -343,6 +352,12 @@ class BatchDefaults:
         self.context = context
         self.integrations = integrations
         self.sent_at = sent_at
+        # What apply() merges, worked out once per batch rather than once per item.
+        self._shared = tuple(
+            (name, shared)
+            for name, shared in (("context", context), ("integrations", integrations))
+            if shared is not None
+        )
 
     @classmethod
     def from_body(cls, body: Message) -> BatchDefaults:
@@ -359,9 +374,7 @@ class BatchDefaults:
         return cls(context or None, integrations or None, sent_at)
 
     def apply(self, item: Message) -> None:
-        for name, shared in (("context", self.context), ("integrations", self.integrations)):
-            if shared is None:
-                continue
+        for name, shared in self._shared:
             own = item.get(name)
             if own is None:
                 item[name] = dict(shared)
@@ -378,10 +391,11 @@ def identity_op(message: Message, message_type: str, source: Source, at: float) 
     as both but attached as neither.
     """
     identities: list[Identity] = []
-    if message.get("userId"):
-        identities.append(Identity("user_id", message["userId"]))
-    if message.get("anonymousId"):
-        identities.append(Identity("anonymous_id", message["anonymousId"]))
+    user_id, anonymous_id = message.get("userId"), message.get("anonymousId")
+    if user_id:
+        identities.append(Identity("user_id", user_id))
+    if anonymous_id:
+        identities.append(Identity("anonymous_id", anonymous_id))
     context = message.get("context")  # a rule may have removed it
     context_traits = context.get("traits") if isinstance(context, dict) else None
     traits = None
