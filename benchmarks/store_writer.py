@@ -23,7 +23,6 @@ use ``--repeat`` (the table shows each case's best round and the median).
 from __future__ import annotations
 
 import argparse
-import base64
 import random
 import sqlite3
 import statistics
@@ -35,46 +34,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import core_pipeline  # beside this script: the same request bodies
+from core_pipeline import HEADERS, WRITE_KEY
+
 from fp_collect import Collector, Request, Source
 from fp_collect.decoding import dumps
 from fp_collect.store.base import Batch, Commit, Job
 from fp_collect.store.sqlite import SQLiteStore
 
-WRITE_KEY = "bench-key"
-HEADERS = {
-    "authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(),
-    "content-type": "application/json",
-    "user-agent": "analytics-python/2.4.0",
-}
 USERS = 10_000  # the returning visitors: made by the prefill, as http_load.py cycles 10,000
 
 
 def track_message(user: str) -> dict[str, object]:
-    """The track call of ``core_pipeline.py``/``http_load.py`` (about 600 bytes)."""
-    message_id = str(uuid.uuid4())
-    return {
-        "type": "track",
-        "userId": user,
-        "anonymousId": None,
-        "event": "Order Completed",
-        "messageId": message_id,
-        "timestamp": "2026-11-23T10:00:00.123+00:00",
-        "properties": {
-            "order_id": f"order-{message_id}",
-            "revenue": 42.5,
-            "currency": "EUR",
-            "products": [{"sku": "sku-1", "name": "Towel", "price": 12.5, "quantity": 2}],
-        },
-        "context": {
-            "library": {"name": "analytics-python", "version": "2.4.0"},
-            "page": {"path": "/checkout", "url": "https://shop.example/checkout"},
-            "locale": "en-US",
-            "timezone": "Europe/Berlin",
-            "userAgent": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
-        },
-        "integrations": {},
-        "sentAt": "2026-11-23T10:00:00.456+00:00",
-    }
+    """``core_pipeline.py``'s track call (which ``http_load.py`` sends too) for ``user``,
+    with an order id of its own."""
+    message = core_pipeline.track_message(0)
+    message["userId"] = user
+    properties = message["properties"]
+    assert isinstance(properties, dict)
+    properties["order_id"] = f"order-{message['messageId']}"
+    return message
 
 
 class Requests:

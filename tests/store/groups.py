@@ -3,11 +3,15 @@ writer must decide a group as the memory store decides its batches one at a time
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 from hypothesis import strategies as st
 
-from fp_collect.store import Claim, EventRecord
+from fp_collect.store import Batch, Claim, EventRecord
 from fp_collect.store.base import Identity, IdentityOp, SessionOp, StoredProfile
 
 
@@ -110,3 +114,25 @@ def same_profile(mine: StoredProfile | None, theirs: StoredProfile | None) -> bo
     )
     assert set(mine.identities) == set(theirs.identities)
     return True
+
+
+@contextmanager
+def held_writer(store: Any, timeout: float = 60) -> Iterator[None]:
+    """Keep ``store``'s writer thread busy meanwhile, so that what is submitted makes one
+    group (``timeout`` only guards against a hang)."""
+    busy, release = threading.Event(), threading.Event()
+    original = store._commit_group
+
+    def hold(group: Any) -> None:
+        store._commit_group = original
+        busy.set()
+        release.wait(timeout)
+        original(group)
+
+    store._commit_group = hold
+    store.submit(Batch())
+    assert busy.wait(timeout)
+    try:
+        yield
+    finally:
+        release.set()

@@ -43,7 +43,7 @@ from fp_collect.store.memory import MemoryStore
 from fp_collect.store.redis_streams import RedisStore
 
 from .conftest import redis_prefix
-from .groups import POOL, offered_ids_of_batch, random_events, same_profile
+from .groups import POOL, held_writer, offered_ids_of_batch, random_events, same_profile
 
 TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
 HANG = 15.0  # "did not hang": far above the 0.5 s socket timeouts the outage tests use
@@ -432,27 +432,6 @@ def test_close_drains_then_submit_raises(url: str) -> None:
         store.submit(Batch())
     store.close()
     assert len(stored_ids(store)) == 50  # still readable
-
-
-@contextmanager
-def held_writer(store: RedisStore) -> Iterator[None]:
-    """Keep the writer busy meanwhile, so that what is submitted makes one group."""
-    busy, release = threading.Event(), threading.Event()
-    original = store._commit_group
-
-    def hold(group: Any) -> None:
-        store._commit_group = original  # type: ignore[method-assign]
-        busy.set()
-        release.wait(TIMEOUT)
-        original(group)
-
-    store._commit_group = hold  # type: ignore[method-assign]
-    store.submit(Batch())
-    assert busy.wait(TIMEOUT)
-    try:
-        yield
-    finally:
-        release.set()
 
 
 @settings(max_examples=25, suppress_health_check=[HealthCheck.too_slow])

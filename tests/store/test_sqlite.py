@@ -5,11 +5,9 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 import tempfile
-import threading
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import closing
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -24,7 +22,7 @@ from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outco
 from fp_collect.store.memory import MemoryStore
 from fp_collect.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
-from .groups import offered_ids_of_batch, random_events, same_profile
+from .groups import held_writer, offered_ids_of_batch, random_events, same_profile
 
 TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
 
@@ -297,27 +295,6 @@ def test_duplicates_are_found_within_one_group(tmp_path: Path) -> None:
         ]
         assert [row.message_id for row in store.events()] == ["m1", "m2", "m3", "m4"]
         assert [r.reason for r in store.rejections()] == ["duplicate_message_id"] * 3
-
-
-@contextmanager
-def held_writer(store: SQLiteStore) -> Iterator[None]:
-    """Keep the writer busy meanwhile, so that what is submitted makes one group."""
-    busy, release = threading.Event(), threading.Event()
-    original = store._commit_group
-
-    def hold(group: Any) -> None:
-        store._commit_group = original  # type: ignore[method-assign]
-        busy.set()
-        release.wait(TIMEOUT)
-        original(group)
-
-    store._commit_group = hold  # type: ignore[method-assign]
-    store.submit(Batch())
-    assert busy.wait(TIMEOUT)
-    try:
-        yield
-    finally:
-        release.set()
 
 
 def test_claims_are_decided_within_one_group_as_one_at_a_time(tmp_path: Path) -> None:
