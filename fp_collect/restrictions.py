@@ -97,23 +97,26 @@ class Restrictions:
         self,
         name: str | None,
         properties: Mapping[str, object] | None,
-        user_key: str | None,
         at: float,
+        identities: tuple[Identity, ...] = (),
+        profile_id: str | None = None,
     ) -> tuple[tuple[Claim, ...], tuple[str, ...]]:
         """The claims a track event named ``name`` must win, and any warnings."""
-        return self.claims_for(self.kind_of(name), properties, user_key, at)
+        return self.claims_for(self.kind_of(name), properties, at, identities, profile_id)
 
     def claims_for(
         self,
         kind: str | None,
         properties: Mapping[str, object] | None,
-        user_key: str | None,
         at: float,
+        identities: tuple[Identity, ...] = (),
+        profile_id: str | None = None,
     ) -> tuple[tuple[Claim, ...], tuple[str, ...]]:
         """The claims an event of ``kind`` must win, and any warnings.
 
-        ``user_key`` names the person (see :func:`user_key`); ``at`` is the event's
-        time in epoch seconds.
+        ``at`` is the event's time in epoch seconds; ``identities`` and ``profile_id``
+        are what the event names its person by, read only by the email-open throttle
+        (see :func:`user_key`), so other events pay nothing for them.
         """
         props = properties if properties is not None else {}
         if kind == CONFIRMATION and self.confirmation_dedup:
@@ -122,9 +125,10 @@ class Restrictions:
                 return (), ("confirmation without an order id: not deduplicated",)
             return (Claim(DUPLICATE_ORDER, _bounded(order_id), at),), ()
         if kind == EMAIL_OPEN and self.email_open_window is not None:
-            if user_key is None:
+            person = user_key(identities, profile_id)
+            if person is None:
                 return (), ("email open without a user: not throttled",)
-            parts = [user_key]
+            parts = [person]
             for names in (_EMAIL_ID, _CAMPAIGN_ID):
                 parts.append(_first_id(props, names) or "")
             key = _bounded("\x1f".join(parts))

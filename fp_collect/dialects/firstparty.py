@@ -19,7 +19,7 @@ from fp_collect.dialects import Route
 from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
 from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared
-from fp_collect.restrictions import DUPLICATE_ORDER, EMAIL_OPEN_THROTTLED, user_key
+from fp_collect.restrictions import DUPLICATE_ORDER, EMAIL_OPEN_THROTTLED
 from fp_collect.store.base import (
     Batch,
     Claim,
@@ -174,8 +174,9 @@ class FirstpartyAPI:
             claims, claim_warnings = source.restrictions.claims_for(
                 restricted,
                 properties if isinstance(properties, dict) else None,
-                user_key(identity.identities, profile_id),
                 at,
+                identity.identities,
+                profile_id,
             )
         session = None
         if source.session_timeout is not None:

@@ -25,7 +25,6 @@ from fp_collect.dialects import Route
 from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
 from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, with_details
-from fp_collect.restrictions import EMAIL_OPEN, user_key
 from fp_collect.store.base import (
     Batch,
     Claim,
@@ -296,9 +295,8 @@ class SegmentAPI:
             claims, claim_warnings = source.restrictions.claims_for(
                 restricted,
                 properties if isinstance(properties, dict) else None,
-                # Only the email-open throttle counts by person.
-                user_key(identity.identities) if restricted == EMAIL_OPEN else None,
                 at,
+                identity.identities,
             )
             warnings += claim_warnings
         return EventRecord(

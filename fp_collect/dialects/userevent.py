@@ -37,7 +37,7 @@ from fp_collect.dialects import Route
 from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
 from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, with_details
-from fp_collect.restrictions import CONFIRMATION, EMAIL_OPEN, user_key
+from fp_collect.restrictions import CONFIRMATION, EMAIL_OPEN
 from fp_collect.store.base import Batch, EventRecord, Identity, IdentityOp, Outcome, SessionOp
 from fp_collect.store.identity import email_identity
 from fp_collect.timestamps import parse_iso
@@ -198,8 +198,9 @@ class UserEventAPI:
         claims, claim_warnings = source.restrictions.claims_for(
             restricted,
             properties if isinstance(properties, dict) else None,
-            user_key(identity.lookups, identity.profile_id),
             at,
+            identity.lookups,
+            identity.profile_id,
         )
         session = None
         if source.session_timeout is not None:

@@ -25,14 +25,14 @@ EMAIL = Identity("email", "ann@example.com")
 
 
 def test_a_confirmation_claims_its_order_id_forever() -> None:
-    claims, warnings = Restrictions().claims("Order Completed", {"order_id": "o-1"}, None, 10.0)
+    claims, warnings = Restrictions().claims("Order Completed", {"order_id": "o-1"}, 10.0)
     assert claims == (Claim(DUPLICATE_ORDER, "o-1", 10.0, None),)
     assert warnings == ()
 
 
 @pytest.mark.parametrize("properties", [{"orderId": 7}, {"order_id": "7"}, {"orderId": "7"}])
 def test_order_ids_are_one_key_whatever_their_spelling(properties: dict[str, object]) -> None:
-    (claim,), _ = Restrictions().claims("Order Completed", properties, None, 1.0)
+    (claim,), _ = Restrictions().claims("Order Completed", properties, 1.0)
     assert claim.key == "7"
 
 
@@ -40,33 +40,33 @@ def test_order_ids_are_one_key_whatever_their_spelling(properties: dict[str, obj
 def test_a_confirmation_without_an_order_id_is_stored_unclaimed_with_a_warning(
     properties: dict[str, object] | None,
 ) -> None:
-    claims, warnings = Restrictions().claims("Order Completed", properties, None, 1.0)
+    claims, warnings = Restrictions().claims("Order Completed", properties, 1.0)
     assert claims == ()
     assert warnings == ("confirmation without an order id: not deduplicated",)
 
 
 def test_an_email_open_claims_its_user_and_campaign_for_the_window() -> None:
     restrictions = Restrictions(email_open_window=60)
-    (claim,), _ = restrictions.claims("Email Opened", {"campaign_id": "c"}, "user_id:u-1", 100.0)
+    (claim,), _ = restrictions.claims("Email Opened", {"campaign_id": "c"}, 100.0, (USER,))
     assert (claim.kind, claim.at, claim.until) == (EMAIL_OPEN_THROTTLED, 100.0, 160.0)
-    (other,), _ = restrictions.claims("Email Opened", {"email_id": "e"}, "user_id:u-1", 100.0)
-    (plain,), _ = restrictions.claims("Email Opened", {}, "user_id:u-1", 100.0)
+    (other,), _ = restrictions.claims("Email Opened", {"email_id": "e"}, 100.0, (USER,))
+    (plain,), _ = restrictions.claims("Email Opened", {}, 100.0, (USER,))
     assert len({claim.key, other.key, plain.key}) == 3
 
 
 def test_long_ids_are_hashed_into_a_bounded_key() -> None:
-    (claim,), _ = Restrictions().claims("Order Completed", {"order_id": "x" * 10_000}, None, 1.0)
+    (claim,), _ = Restrictions().claims("Order Completed", {"order_id": "x" * 10_000}, 1.0)
     assert claim.key.startswith("sha256:") and len(claim.key) < 100
-    (again,), _ = Restrictions().claims("Order Completed", {"order_id": "x" * 10_000}, None, 2.0)
+    (again,), _ = Restrictions().claims("Order Completed", {"order_id": "x" * 10_000}, 2.0)
     assert again.key == claim.key
 
 
 def test_other_events_and_switched_off_restrictions_claim_nothing() -> None:
-    assert Restrictions().claims("Page Viewed", {"order_id": "1"}, "user_id:u", 1.0) == ((), ())
-    assert Restrictions().claims(None, {"order_id": "1"}, "user_id:u", 1.0) == ((), ())
+    assert Restrictions().claims("Page Viewed", {"order_id": "1"}, 1.0, (USER,)) == ((), ())
+    assert Restrictions().claims(None, {"order_id": "1"}, 1.0, (USER,)) == ((), ())
     off = Restrictions(confirmation_dedup=False, email_open_window=None)
-    assert off.claims("Order Completed", {"order_id": "1"}, None, 1.0) == ((), ())
-    assert off.claims("Email Opened", {}, "user_id:u", 1.0) == ((), ())
+    assert off.claims("Order Completed", {"order_id": "1"}, 1.0) == ((), ())
+    assert off.claims("Email Opened", {}, 1.0, (USER,)) == ((), ())
 
 
 def test_event_names_that_count_are_configurable() -> None:
