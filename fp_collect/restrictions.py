@@ -96,7 +96,7 @@ class Restrictions:
     def claims(
         self,
         name: str | None,
-        properties: Mapping[str, object] | None,
+        properties: object,
         at: float,
         identities: tuple[Identity, ...] = (),
         profile_id: str | None = None,
@@ -107,18 +107,19 @@ class Restrictions:
     def claims_for(
         self,
         kind: str | None,
-        properties: Mapping[str, object] | None,
+        properties: object,
         at: float,
         identities: tuple[Identity, ...] = (),
         profile_id: str | None = None,
     ) -> tuple[tuple[Claim, ...], tuple[str, ...]]:
         """The claims an event of ``kind`` must win, and any warnings.
 
-        ``at`` is the event's time in epoch seconds; ``identities`` and ``profile_id``
+        ``properties`` is the event's, as received (anything but an object counts as
+        none); ``at`` is the event's time in epoch seconds; ``identities`` and ``profile_id``
         are what the event names its person by, read only by the email-open throttle
         (see :func:`user_key`), so other events pay nothing for them.
         """
-        props = properties if properties is not None else {}
+        props: Mapping[str, object] = properties if isinstance(properties, dict) else {}
         if kind == CONFIRMATION and self.confirmation_dedup:
             order_id = _first_id(props, _ORDER_ID)
             if order_id is None:

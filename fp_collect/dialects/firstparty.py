@@ -170,10 +170,9 @@ class FirstpartyAPI:
         claim_warnings: tuple[str, ...] = ()
         restricted = source.restrictions.kind_of(name)
         if restricted is not None:
-            properties = message.get("properties")
             claims, claim_warnings = source.restrictions.claims_for(
                 restricted,
-                properties if isinstance(properties, dict) else None,
+                message.get("properties"),
                 at,
                 identity.identities,
                 profile_id,

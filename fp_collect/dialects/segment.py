@@ -291,10 +291,9 @@ class SegmentAPI:
         claims: tuple[Claim, ...] = ()
         restricted = source.restrictions.kind_of(name) if message_type == "track" else None
         if restricted is not None:
-            properties = message.get("properties")
             claims, claim_warnings = source.restrictions.claims_for(
                 restricted,
-                properties if isinstance(properties, dict) else None,
+                message.get("properties"),
                 at,
                 identity.identities,
             )

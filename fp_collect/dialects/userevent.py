@@ -189,7 +189,6 @@ class UserEventAPI:
         at = self.pipeline.enrich(message, incoming)
         message, warnings = self.pipeline.apply_rules(message, source)
         identity = _identity_op(kind, user, message, source, incoming.received)
-        properties = message.get("properties")
         # A confirmation is one whatever its name; a generic event named like one (or
         # renamed by a rule) is restricted by its name, as in the other APIs.
         restricted = kind if kind in (CONFIRMATION, EMAIL_OPEN) else None
@@ -197,7 +196,7 @@ class UserEventAPI:
             restricted = source.restrictions.kind_of(message.get("event"))
         claims, claim_warnings = source.restrictions.claims_for(
             restricted,
-            properties if isinstance(properties, dict) else None,
+            message.get("properties"),
             at,
             identity.lookups,
             identity.profile_id,
