@@ -36,7 +36,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -175,6 +175,8 @@ _INSERT_EVENT = (
     " ON CONFLICT (source_id, message_id) DO NOTHING"
 )
 _UPSERT_CLAIM = "INSERT OR REPLACE INTO claims (source_id, kind, key, until) VALUES (?, ?, ?, ?)"
+_INSERT_PROFILE = "INSERT INTO profiles (id, scope, created_at, traits) VALUES (?, ?, ?, '{}')"
+_INSERT_IDENTITY = "INSERT INTO identities (scope, kind, value, profile_id) VALUES (?, ?, ?, ?)"
 _INSERT_REJECTION = (
     "INSERT INTO rejections (source_id, reason, message, received_at, endpoint, payload, idx,"
     " message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -279,13 +281,14 @@ class SQLiteStore(Store):
                 # events need to know -- which message ids are stored, which claims are
                 # held, who owns their identities -- looked up set-wise; the group's
                 # events and claims inserted at once at the end.
-                graph = _SQLGraph(conn)
+                graph = _SQLGraph(conn, deferred=True)
                 known = _prefetch(conn, graph, [job.batch for job in group])
                 rows = _Rows()
                 results = [
                     (job.commit, self._apply_fast(conn, graph, known, rows, job.batch))
                     for job in group
                 ]
+                graph.flush()
                 rows.insert(conn)
             except Exception:
                 if not conn.in_transaction:
@@ -654,12 +657,34 @@ class _SQLGraph:
     events often come in the same group. Our own writes keep the memo current;
     :meth:`forget` after a rollback to a savepoint. A read-only graph (``profile``) uses
     a fresh instance per read.
+
+    ``deferred``: new profiles and identities -- a row each per new visitor, the most
+    common write after the event itself -- are kept and inserted with one statement
+    apiece by :meth:`flush`, which runs before any other statement of the graph (so
+    every query sees them) and must be called before the transaction commits. Only
+    for a transaction without savepoints: a rollback to one would not undo them.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, deferred: bool = False) -> None:
         self.conn = conn
         self._owners: dict[tuple[str, str, str], str | None] = {}
         self._canonical: dict[str, str | None] = {}
+        self._deferred = deferred
+        self._new_profiles: list[_Row] = []
+        self._new_identities: list[_Row] = []
+
+    def flush(self) -> None:
+        """Insert the profiles and identities kept back (``deferred``)."""
+        if self._new_profiles:
+            self.conn.executemany(_INSERT_PROFILE, self._new_profiles)
+            self._new_profiles.clear()
+        if self._new_identities:
+            self.conn.executemany(_INSERT_IDENTITY, self._new_identities)
+            self._new_identities.clear()
+
+    def _execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
+        self.flush()
+        return self.conn.execute(sql, params)
 
     def forget(self) -> None:
         self._owners.clear()
@@ -668,7 +693,7 @@ class _SQLGraph:
     def learn_owners(self, scope: str, kind: str, values: list[str]) -> None:
         """Look up the owners of many identities of one kind at once."""
         found = dict(
-            self.conn.execute(
+            self._execute(
                 "SELECT value, profile_id FROM identities WHERE scope = ? AND kind = ?"
                 f" AND value IN ({_marks(values)})",
                 (scope, kind, *values),
@@ -681,14 +706,14 @@ class _SQLGraph:
         """Look up at once which of the known owners were never merged away."""
         unknown = {p for p in self._owners.values() if p is not None} - set(self._canonical)
         for chunk in _chunks(unknown):
-            rows = self.conn.execute(
+            rows = self._execute(
                 f"SELECT id FROM profiles WHERE id IN ({_marks(chunk)}) AND merged_into IS NULL",
                 chunk,
             )
             self._canonical.update((profile_id, profile_id) for (profile_id,) in rows)
 
     def _one(self, sql: str, params: tuple[object, ...]) -> Any:
-        row = self.conn.execute(sql, params).fetchone()
+        row = self._execute(sql, params).fetchone()
         return None if row is None else row[0]
 
     def owner(self, scope: str, identity: Identity) -> str | None:
@@ -709,7 +734,7 @@ class _SQLGraph:
     def _follow_merges(self, profile_id: str) -> str | None:
         current: str | None = profile_id
         while current is not None:
-            row = self.conn.execute(
+            row = self._execute(
                 "SELECT merged_into FROM profiles WHERE id = ?", (current,)
             ).fetchone()
             if row is None:
@@ -724,31 +749,30 @@ class _SQLGraph:
         return created
 
     def create_profile(self, profile_id: str, scope: str, at: float) -> None:
-        self.conn.execute(
-            "INSERT INTO profiles (id, scope, created_at, traits) VALUES (?, ?, ?, '{}')",
-            (profile_id, scope, at),
-        )
+        row = (profile_id, scope, at)
+        if self._deferred:
+            self._new_profiles.append(row)
+        else:
+            self._execute(_INSERT_PROFILE, row)
         self._canonical[profile_id] = profile_id
 
     def attach(self, scope: str, identity: Identity, profile_id: str) -> None:
         key = (scope, identity.kind, identity.value)
-        self.conn.execute(
-            "INSERT INTO identities (scope, kind, value, profile_id) VALUES (?, ?, ?, ?)",
-            (*key, profile_id),
-        )
+        if self._deferred:
+            self._new_identities.append((*key, profile_id))
+        else:
+            self._execute(_INSERT_IDENTITY, (*key, profile_id))
         self._owners[key] = profile_id
 
     def merge(self, survivor: str, merged: str) -> None:
-        self.conn.execute(
+        self._execute(
             "UPDATE identities SET profile_id = ? WHERE profile_id = ?", (survivor, merged)
         )
-        self.conn.execute(
-            "UPDATE sessions SET profile_id = ? WHERE profile_id = ?", (survivor, merged)
-        )
+        self._execute("UPDATE sessions SET profile_id = ? WHERE profile_id = ?", (survivor, merged))
         gone = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (merged,)))
         kept = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (survivor,)))
         self._write_traits(survivor, {**gone, **kept})
-        self.conn.execute("UPDATE profiles SET merged_into = ? WHERE id = ?", (survivor, merged))
+        self._execute("UPDATE profiles SET merged_into = ? WHERE id = ?", (survivor, merged))
         # As the UPDATEs above did: the merged profile's identities now name the survivor,
         # and whatever led to the merged profile now leads on to the survivor.
         for key, owner in self._owners.items():
@@ -761,12 +785,10 @@ class _SQLGraph:
         self._write_traits(profile_id, {**current, **traits})
 
     def _write_traits(self, profile_id: str, traits: dict[str, object]) -> None:
-        self.conn.execute(
-            "UPDATE profiles SET traits = ? WHERE id = ?", (dumps(traits), profile_id)
-        )
+        self._execute("UPDATE profiles SET traits = ? WHERE id = ?", (dumps(traits), profile_id))
 
     def latest_session(self, profile_id: str) -> tuple[str, float] | None:
-        row = self.conn.execute(
+        row = self._execute(
             "SELECT id, last_seen FROM sessions WHERE profile_id = ?"
             " ORDER BY last_seen DESC, id DESC LIMIT 1",
             (profile_id,),
@@ -778,12 +800,12 @@ class _SQLGraph:
         return owner
 
     def start_session(self, session_id: str, profile_id: str, at: float) -> None:
-        self.conn.execute(
+        self._execute(
             "INSERT INTO sessions (id, profile_id, started_at, last_seen) VALUES (?, ?, ?, ?)",
             (session_id, profile_id, at, at),
         )
 
     def touch_session(self, session_id: str, at: float) -> None:
-        self.conn.execute(
+        self._execute(
             "UPDATE sessions SET last_seen = max(last_seen, ?) WHERE id = ?", (at, session_id)
         )

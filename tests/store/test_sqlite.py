@@ -12,6 +12,7 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -351,16 +352,22 @@ def test_claims_are_decided_within_one_group_as_one_at_a_time(tmp_path: Path) ->
 def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
     batches: list[list[EventRecord]],
 ) -> None:
-    """The writer decides a group set-wise (dedup, claims and owners looked up at once,
-    events and claims inserted at the end): the result must be what committing its
-    batches one at a time gives."""
+    """The writer decides a group set-wise (dedup, claims and owners looked up at once;
+    events, claims, new profiles and identities inserted at the end): the result must be
+    what committing its batches one at a time gives, and none of these batches may need
+    the one-event-at-a-time redo kept for a batch that fails."""
     batches = [offered_ids_of_batch(number, events) for number, events in enumerate(batches)]
     memory = MemoryStore()
     expected = [memory.commit(Batch(events=list(events))) for events in batches]
-    with tempfile.TemporaryDirectory() as tmp, SQLiteStore(Path(tmp) / "t.db") as store:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        SQLiteStore(Path(tmp) / "t.db") as store,
+        mock.patch.object(store, "_apply_in_savepoint", wraps=store._apply_in_savepoint) as redo,
+    ):
         with held_writer(store):
             commits = [store.submit(Batch(events=list(events))) for events in batches]
         assert [commit.result(TIMEOUT) for commit in commits] == expected
+        assert redo.call_count == 0
 
         def rows(source: Any) -> list[tuple[str, str | None, str | None]]:
             return [(r.message_id, r.profile_id, r.session_id) for r in source.events()]
