@@ -503,7 +503,7 @@ def _open_for_reading(url: str) -> Store:
                 )
             if os.path.isdir(where):
                 raise CLIError(f"{where} is a directory, not an SQLite file (storage {url})")
-    return open_store(url)
+    return open_store(url, create=False)
 
 
 def _print_lines(lines: Iterable[str]) -> int:

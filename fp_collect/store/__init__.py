@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, create: bool = True) -> Store:
     """Open the backend a storage URL names.
 
     ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` (the default, one machine),
@@ -51,6 +51,10 @@ def open_store(url: str) -> Store:
     the last commits before an OS crash or a power cut may be lost (the file itself is
     never corrupted). It saves the fsync wait and some CPU per commit, which matters
     most where each request is a transaction of its own (Flask under sync workers).
+
+    ``create=False`` is for readers: a PostgreSQL schema that does not hold fp-collect's
+    tables is refused (:class:`ConfigError`) instead of created. (A SQLite file is made
+    on open; a reader checks that it exists first. Redis creates nothing on open.)
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -72,7 +76,7 @@ def open_store(url: str) -> Store:
         _require_extra("psycopg_pool", "postgres", url)
         from fp_collect.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, create=create)
     if scheme in ("redis", "rediss"):
         _require_extra("redis", "redis", url)
         from fp_collect.store.redis_streams import RedisStore

@@ -497,9 +497,12 @@ class PostgresStore(Store):
     :param url: ``postgresql://`` or ``postgres://`` URL; see the module documentation
         for the options it may carry (``schema``, ``pool_size``, ``statement_timeout``,
         ``connect_timeout``).
+    :param create: create (or migrate) the schema when it is missing or older. False
+        for a reader that must not change the database: a schema without fp-collect's
+        tables (a typo in ``schema=``, say) is then a :class:`ConfigError`.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self.options = options = parse_url(url)
         self._sql = {name: _qualified(text, options.schema) for name, text in _STATEMENTS.items()}
         self._stall_timeout = options.statement_timeout + STALL_GRACE
@@ -508,7 +511,7 @@ class PostgresStore(Store):
         try:
             conn = self._connect()
             try:
-                self._ensure_schema(conn)
+                self._ensure_schema(conn, create)
             except BaseException:
                 conn.close()
                 raise
@@ -573,9 +576,15 @@ class PostgresStore(Store):
         with self._watchdog.watch(conn, self._stall_timeout):
             conn.execute("")
 
-    def _ensure_schema(self, conn: _Connection) -> None:
+    def _ensure_schema(self, conn: _Connection, create: bool) -> None:
         schema = self.options.schema
         version = self._schema_version(conn)
+        if version < SCHEMA_VERSION and not create:
+            found = f"version {version} of its tables" if version else "no fp-collect tables"
+            raise ConfigError(
+                f"PostgreSQL schema {schema!r} holds {found}; nothing was changed"
+                " (a collector using this URL creates or migrates it)"
+            )
         if version < SCHEMA_VERSION:
             # Two processes opening a new database at once: the second waits here for
             # the first's transaction and then finds the schema current.

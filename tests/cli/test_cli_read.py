@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,26 @@ def test_a_missing_sqlite_file_is_reported_and_not_created(
     result = cli([command, "--storage", sqlite_url(path)])
     assert_usage_error(result, str(path), "does not exist")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["events", "rejections"])
+def test_a_postgresql_schema_without_our_tables_is_reported_and_not_created(
+    cli: RunCLI, postgres_dsn: str, command: str
+) -> None:
+    """A mistyped ``schema=`` must not leave a new, empty schema in the site's database."""
+    import psycopg
+
+    schema = f"fpc_test_typo_{uuid.uuid4().hex[:12]}"
+    separator = "&" if "?" in postgres_dsn else "?"
+    try:
+        result = cli([command, "--storage", f"{postgres_dsn}{separator}schema={schema}"])
+        assert_usage_error(result, schema, "no fp-collect tables", "nothing was changed")
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+            assert found.fetchone() is None
+    finally:  # the shared server: leave nothing behind, even when this fails
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')  # type: ignore[arg-type]
 
 
 def test_a_relative_url_that_meant_an_absolute_path_gets_a_hint(
