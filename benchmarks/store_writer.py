@@ -10,7 +10,9 @@ and system time, so the WAL writes count; the fsync's wait does not).
 Cases: groups of 1 request (Flask under one sync worker: a transaction per request), 25
 (a group under Starlette load) and 100 single-event requests, and one ``/v1/batch`` of 100
 events; each for new visitors (a profile and an identity made per event) and returning
-ones (drawn from the users of the prefill).
+ones (drawn from the users of the prefill). The ``+sessions`` cases give every event the
+session a source with ``session_timeout`` asks for (the Firstparty and user-event APIs):
+a returning visitor's latest session is looked up and its ``last_seen`` moved on.
 
     python benchmarks/store_writer.py                 # about a minute
     python benchmarks/store_writer.py --quick         # a smoke run of a few seconds
@@ -39,7 +41,7 @@ from core_pipeline import HEADERS, WRITE_KEY
 
 from fp_collect import Collector, Request, Source
 from fp_collect.decoding import dumps
-from fp_collect.store.base import Batch, Commit, Job
+from fp_collect.store.base import Batch, Commit, Job, SessionOp
 from fp_collect.store.sqlite import SQLiteStore
 
 USERS = 10_000  # the returning visitors: made by the prefill, as http_load.py cycles 10,000
@@ -78,12 +80,23 @@ class Requests:
         assert prepared.batch.events and not prepared.batch.rejections, prepared.batch
         return prepared.batch
 
-    def track(self, users: Literal["new", "returning"]) -> Batch:
-        return self._prepare("/v1/track", dumps(track_message(self.user(users))).encode())
+    def track(self, users: Literal["new", "returning"], sessions: bool = False) -> Batch:
+        body = dumps(track_message(self.user(users))).encode()
+        return with_sessions(self._prepare("/v1/track", body), sessions)
 
-    def batch(self, users: Literal["new", "returning"], size: int) -> Batch:
+    def batch(self, users: Literal["new", "returning"], size: int, sessions: bool = False) -> Batch:
         items = [track_message(self.user(users)) for _ in range(size)]
-        return self._prepare("/v1/batch", dumps({"batch": items}).encode())
+        body = dumps({"batch": items}).encode()
+        return with_sessions(self._prepare("/v1/batch", body), sessions)
+
+
+def with_sessions(batch: Batch, sessions: bool) -> Batch:
+    """``batch`` with a 30-minute session on every event, when ``sessions``."""
+    if sessions:
+        for event in batch.events:
+            assert event.identity is not None
+            event.session = SessionOp(at=event.identity.at, timeout=1800.0)
+    return batch
 
 
 @dataclass(frozen=True)
@@ -92,13 +105,21 @@ class Case:
     requests: int  # batches per group
     events: int  # events per batch
     users: Literal["new", "returning"]
+    sessions: bool = False
 
 
-CASES = [
-    Case(f"track x{size} {users}", size, 1, users)
-    for users in ("new", "returning")
-    for size in (1, 25, 100)
-] + [Case(f"batch100 x1 {users}", 1, 100, users) for users in ("new", "returning")]
+CASES = (
+    [
+        Case(f"track x{size} {users}", size, 1, users)
+        for users in ("new", "returning")
+        for size in (1, 25, 100)
+    ]
+    + [Case(f"batch100 x1 {users}", 1, 100, users) for users in ("new", "returning")]
+    + [
+        Case("track x25 returning+sessions", 25, 1, "returning", sessions=True),
+        Case("batch100 x1 returning+sessions", 1, 100, "returning", sessions=True),
+    ]
+)
 
 
 def commit_group(store: SQLiteStore, batches: list[Batch]) -> float:
@@ -142,9 +163,11 @@ def run_case(store: SQLiteStore, requests: Requests, case: Case, events: int) ->
     spent = 0.0
     for _ in range(groups):
         if case.events == 1:
-            batches = [requests.track(case.users) for _ in range(case.requests)]
+            batches = [requests.track(case.users, case.sessions) for _ in range(case.requests)]
         else:
-            batches = [requests.batch(case.users, case.events) for _ in range(case.requests)]
+            batches = [
+                requests.batch(case.users, case.events, case.sessions) for _ in range(case.requests)
+            ]
         spent += commit_group(store, batches)
     return spent / (groups * case.requests * case.events) * 1e6
 
@@ -187,10 +210,10 @@ def main(argv: list[str] | None = None) -> None:
                 for case in cases:  # round after round: drift hits every case alike
                     figures[case.name].append(run_case(store, requests, case, events))
             print()
-            print(f"{'case':24} {'best us/event':>14} {'median':>8}")
+            print(f"{'case':31} {'best us/event':>14} {'median':>8}")
             for case in cases:
                 rounds = figures[case.name]
-                print(f"{case.name:24} {min(rounds):14.1f} {statistics.median(rounds):8.1f}")
+                print(f"{case.name:31} {min(rounds):14.1f} {statistics.median(rounds):8.1f}")
             print()
             print(*index_summary(path), "at the end")
         finally:
