@@ -14,10 +14,11 @@ Design:
   ``(source_id, message_id)`` still has the last word on dedup.
 * **Set-wise, optimistic groups.** Within its transaction (no other process can write
   meanwhile) the writer looks up at once which of the group's message ids are stored and
-  who owns the identities its events name, then inserts each batch's events with one
-  ``executemany``, with no savepoint per batch. If any batch fails, the group is rolled
-  back and redone one event at a time with one SAVEPOINT per batch: a batch that fails
-  rolls back alone and fails only its own commit; the rest of the group still commits.
+  who owns the identities its events name, then inserts the group's events, claims, new
+  profiles and new identities with one ``executemany`` each, with no savepoint per batch.
+  If any batch fails, the group is rolled back and redone one event at a time with one
+  SAVEPOINT per batch: a batch that fails rolls back alone and fails only its own commit;
+  the rest of the group still commits.
 * **Durable before success.** A batch's :class:`Commit` is settled only after COMMIT
   returns. If the group cannot commit, every batch in it fails with
   :class:`StoreUnavailable`; the writer drops its connection, opens a fresh one for the
@@ -280,7 +281,7 @@ class SQLiteStore(Store):
                 # (two statements per batch, and a batch almost never fails); what its
                 # events need to know -- which message ids are stored, which claims are
                 # held, who owns their identities -- looked up set-wise; the group's
-                # events and claims inserted at once at the end.
+                # events, claims, new profiles and identities inserted at once at the end.
                 graph = _SQLGraph(conn, deferred=True)
                 known = _prefetch(conn, graph, [job.batch for job in group])
                 rows = _Rows()
