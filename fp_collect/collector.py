@@ -121,7 +121,7 @@ class Collector:
         if not (prepared.batch.events or prepared.batch.rejections):
             return self._with_cors(prepared.respond([]), request)
         try:
-            outcomes = self.store.submit(prepared.batch).result(self.config.commit_timeout)
+            outcomes = self.store.commit(prepared.batch, self.config.commit_timeout)
         except (StoreUnavailable, FutureTimeout, OSError) as exc:
             logger.warning("fp-collect store unavailable: %s", exc)
             return self._with_cors(prepared.unavailable, request)

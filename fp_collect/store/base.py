@@ -478,6 +478,10 @@ class WriteQueue:
             self._queue.put(Job(batch, commit))
         return commit
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> bool:
         """Stop taking batches; the writer stops once it has taken the ones queued.
         True for the call that closed it, False for any later one."""

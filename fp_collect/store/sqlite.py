@@ -19,6 +19,12 @@ Design:
   If any batch fails, the group is rolled back and redone one event at a time with one
   SAVEPOINT per batch: a batch that fails rolls back alone and fails only its own commit;
   the rest of the group still commits.
+* **A blocking caller writes itself when nobody else is.** :meth:`SQLiteStore.commit`
+  (what a WSGI request thread calls) writes its batch in its own thread when the write
+  lock is free, sparing the hand-over to the writer thread and back: a lone caller
+  (Flask under a sync worker) never waits on another thread. When a write is under way
+  its batch goes to the writer thread like ``submit``'s, to share the next group's
+  transaction (gthread workers). One write connection, used by one lock holder at a time.
 * **Durable before success.** A batch's :class:`Commit` is settled only after COMMIT
   returns. If the group cannot commit, every batch in it fails with
   :class:`StoreUnavailable`; the writer drops its connection, opens a fresh one for the
@@ -203,7 +209,10 @@ class SQLiteStore(Store):
         self._busy_timeout = busy_timeout
         self._create_schema()
         self._writes = WriteQueue(f"SQLite store {self._path!r} is closed")
-        self._conn: sqlite3.Connection | None = None  # owned by the writer thread only
+        # The one write connection, used only by whoever holds ``_writing``: the writer
+        # thread, or a caller of commit() writing its own batch.
+        self._writing = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
         self._writer = threading.Thread(target=self._run, name="fp-collect-sqlite", daemon=True)
         self._writer.start()
 
@@ -211,7 +220,14 @@ class SQLiteStore(Store):
         # isolation_level=None: we issue BEGIN/COMMIT ourselves; the module's implicit
         # transactions would start deferred ones, which fail under multi-process contention.
         # ``timeout`` is SQLite's busy timeout: wait for other processes' locks, then fail.
-        return sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
+        # check_same_thread=False: the write connection passes between the writer thread
+        # and commit()'s callers, never used by two at once (``_writing``).
+        return sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
 
     def _create_schema(self) -> None:
         try:
@@ -259,14 +275,40 @@ class SQLiteStore(Store):
     def submit(self, batch: Batch) -> Commit:
         return self._writes.submit(batch)
 
+    def commit(self, batch: Batch, timeout: float | None = None) -> list[Outcome]:
+        """Commit ``batch`` and wait for it (what a WSGI request thread calls).
+
+        When nobody is writing, the batch is written here, in the calling thread: a lone
+        caller (Flask under a sync worker) spares the two thread switches of handing it
+        to the writer thread and being woken by it. When a write is under way the batch
+        goes to the writer thread as :meth:`submit`'s do, to share the next group's
+        transaction with the other callers waiting meanwhile (gthread workers). A batch
+        written here waits for other processes' locks up to the busy timeout, not
+        ``timeout``.
+        """
+        if not self._writing.acquire(blocking=False):
+            return self.submit(batch).result(timeout)
+        try:
+            if self._writes.closed:
+                raise StoreUnavailable(f"SQLite store {self._path!r} is closed")
+            commit = Commit()
+            commit.set_running_or_notify_cancel()
+            self._commit_group([Job(batch, commit)])
+        finally:
+            self._writing.release()
+        return commit.result(0)
+
     def _run(self) -> None:
         stopping = False
         while not stopping:
             group, stopping = self._writes.next_group(MAX_GROUP)
             if group:
-                self._commit_group(group)
-        if self._conn is not None:
-            self._conn.close()
+                with self._writing:
+                    self._commit_group(group)
+        with self._writing:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def _commit_group(self, group: list[Job]) -> None:
         results: list[tuple[Commit, list[Outcome] | BaseException]]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 import tempfile
+import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -76,6 +78,79 @@ def test_threads_store_each_message_id_once(tmp_path: Path) -> None:
         assert per_id == Counter(ids)
         assert sorted(row.message_id for row in store.events()) == sorted(ids)
         assert len(list(store.rejections())) == 7 * 200
+
+
+def test_threads_committing_and_submitting_store_each_message_id_once(tmp_path: Path) -> None:
+    """commit() writes in the calling thread when nobody else is writing, else hands the
+    batch to the writer thread: dedup must hold across both, threads racing."""
+    ids = [f"m{i}" for i in range(200)]
+
+    def write_all(worker: int) -> list[Outcome]:
+        batches = [Batch(events=[event(i) for i in ids[n : n + 10]]) for n in range(0, 200, 10)]
+        if worker % 2:
+            futures = [store.submit(batch) for batch in batches]
+            return [outcome for future in futures for outcome in future.result(TIMEOUT)]
+        return [outcome for batch in batches for outcome in store.commit(batch, TIMEOUT)]
+
+    with SQLiteStore(tmp_path / "t.db", synchronous="NORMAL") as store:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(write_all, range(8)))
+        per_id = Counter(
+            i for outcomes in results for i, o in zip(ids, outcomes, strict=True) if o.stored
+        )
+        assert per_id == Counter(ids)
+        assert sorted(row.message_id for row in store.events()) == sorted(ids)
+        assert len(list(store.rejections())) == 7 * 200
+
+
+def test_a_lone_commit_is_written_in_the_calling_thread(tmp_path: Path) -> None:
+    """Flask under a sync worker: no hand-over to the writer thread and back."""
+    with SQLiteStore(tmp_path / "t.db") as store:
+        writers: list[str] = []
+        original = store._commit_group
+
+        def recording(group: Any) -> None:
+            writers.append(threading.current_thread().name)
+            original(group)
+
+        with mock.patch.object(store, "_commit_group", recording):
+            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [DUPLICATE]
+        assert writers == [threading.current_thread().name] * 2
+        assert [row.message_id for row in store.events()] == ["m1"]
+
+
+def test_commits_during_a_write_share_the_next_group(tmp_path: Path) -> None:
+    """gthread workers: callers arriving while a write is under way must not each take
+    a transaction of their own after it, but join the writer thread's next group."""
+    with SQLiteStore(tmp_path / "t.db") as store:
+        groups: list[int] = []
+        original = store._commit_group
+
+        def recording(group: Any) -> None:
+            groups.append(len(group))
+            original(group)
+
+        with ThreadPoolExecutor(6) as pool:
+            with held_writer(store):  # the writer thread is inside a write, holding the lock
+                store._commit_group = recording  # type: ignore[method-assign]
+                pending = [
+                    pool.submit(store.commit, Batch(events=[event(f"m{i}")]), TIMEOUT)
+                    for i in range(6)
+                ]
+                deadline = time.monotonic() + TIMEOUT  # until all six wait in the queue
+                while store._writes._queue.qsize() < 6 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            assert [future.result(TIMEOUT) for future in pending] == [[STORED]] * 6
+        assert groups == [6]
+
+
+def test_commit_after_close_raises(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+    store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.commit(Batch(events=[event("m2")]), TIMEOUT)
 
 
 def _worker(path: str, worker: int, barrier: Barrier, results: Queue[list[Outcome]]) -> None:
