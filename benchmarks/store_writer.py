@@ -126,17 +126,18 @@ def commit_group(store: SQLiteStore, batches: list[Batch]) -> float:
     """Commit ``batches`` as one group in this thread; its CPU seconds.
 
     Calls the writer's own group commit directly (not through ``submit``) so that the
-    group is exactly these batches and its CPU is this thread's. The writer thread stays
-    idle: nothing is ever submitted to it.
+    group is exactly these batches and its CPU is this thread's, holding the write lock
+    as every writer does. The writer thread stays idle: nothing is submitted to it.
     """
     jobs = []
     for batch in batches:
         commit = Commit()
         commit.set_running_or_notify_cancel()
         jobs.append(Job(batch, commit))
-    start = time.thread_time()
-    store._commit_group(jobs)
-    spent = time.thread_time() - start
+    with store._writing:
+        start = time.thread_time()
+        store._commit_group(jobs)
+        spent = time.thread_time() - start
     for job in jobs:
         job.commit.result(0)  # raises if the group failed
     return spent
@@ -217,11 +218,6 @@ def main(argv: list[str] | None = None) -> None:
             print()
             print(*index_summary(path), "at the end")
         finally:
-            # The writer's connection was opened in this thread (commit_group): close it
-            # here, where SQLite allows it, before the writer thread stops.
-            if store._conn is not None:
-                store._conn.close()
-                store._conn = None
             store.close()
         requests.collector.close()
 
