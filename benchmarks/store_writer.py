@@ -134,7 +134,7 @@ def commit_group(store: SQLiteStore, batches: list[Batch]) -> float:
         commit = Commit()
         commit.set_running_or_notify_cancel()
         jobs.append(Job(batch, commit))
-    with store._writing:
+    with store._writes.writing:
         start = time.thread_time()
         store._commit_group(jobs)
         spent = time.thread_time() - start

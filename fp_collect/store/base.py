@@ -468,6 +468,9 @@ class WriteQueue:
         self._lock = threading.Lock()
         self._closed = False
         self._closed_message = closed_message
+        # Held by whoever writes on the store's write connection: its writer thread (a
+        # group at a time) or a caller of commit_here(). The connection is theirs meanwhile.
+        self.writing = threading.Lock()
 
     def submit(self, batch: Batch) -> Commit:
         commit = Commit()
@@ -478,9 +481,29 @@ class WriteQueue:
             self._queue.put(Job(batch, commit))
         return commit
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    def commit_here(
+        self, batch: Batch, timeout: float | None, write: Callable[[list[Job]], object]
+    ) -> list[Outcome]:
+        """:meth:`Store.commit` for a store with a writer thread: ``write`` (the store's
+        group commit) writes ``batch`` in the calling thread when nobody is writing, else
+        the batch goes to the writer thread like :meth:`submit`'s.
+
+        A lone caller (Flask under a sync worker) so spares the two thread switches of
+        handing its batch over and being woken; callers arriving during a write (gthread
+        workers) still share the writer thread's next group. A batch written here is not
+        bounded by ``timeout``: the store's own timeouts bound its write.
+        """
+        if not self.writing.acquire(blocking=False):
+            return self.submit(batch).result(timeout)
+        try:
+            if self._closed:
+                raise StoreUnavailable(self._closed_message)
+            commit = Commit()
+            commit.set_running_or_notify_cancel()
+            write([Job(batch, commit)])
+        finally:
+            self.writing.release()
+        return commit.result(0)
 
     def close(self) -> bool:
         """Stop taking batches; the writer stops once it has taken the ones queued.

@@ -518,7 +518,9 @@ class PostgresStore(Store):
         except BaseException:
             self._watchdog.stop()
             raise
-        self._conn: _Connection | None = conn  # owned by the writer thread from here on
+        # Used only by whoever holds self._writes.writing: the writer thread, or a caller
+        # of commit() writing its own batch (psycopg connections may change threads).
+        self._conn: _Connection | None = conn
         self._pool: ConnectionPool[_Connection] = ConnectionPool(
             options.conninfo,
             kwargs={"autocommit": True, "context": _ADAPTERS, **self._connect_kwargs},
@@ -645,16 +647,23 @@ class PostgresStore(Store):
     def submit(self, batch: Batch) -> Commit:
         return self._writes.submit(batch)
 
+    def commit(self, batch: Batch, timeout: float | None = None) -> list[Outcome]:
+        # Written here when nobody else is writing (see WriteQueue.commit_here); a batch
+        # written here is bounded by the statement and connect timeouts.
+        return self._writes.commit_here(batch, timeout, self._commit_group)
+
     def _run(self) -> None:
         stopping = False
         while not stopping:
             group, stopping = self._writes.next_group(MAX_GROUP, MAX_GROUP_ROWS)
-            unreachable = self._commit_group(group) if group else None
+            with self._writes.writing:
+                unreachable = self._commit_group(group) if group else None
             if unreachable is not None and not stopping:
                 stopping = self._fail_queued(unreachable)
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._writes.writing:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def _fail_queued(self, cause: _Unreachable) -> bool:
         """The server could not be reached: fail everything already waiting now, rather

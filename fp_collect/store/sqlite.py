@@ -209,9 +209,8 @@ class SQLiteStore(Store):
         self._busy_timeout = busy_timeout
         self._create_schema()
         self._writes = WriteQueue(f"SQLite store {self._path!r} is closed")
-        # The one write connection, used only by whoever holds ``_writing``: the writer
-        # thread, or a caller of commit() writing its own batch.
-        self._writing = threading.Lock()
+        # The one write connection, used only by whoever holds ``self._writes.writing``:
+        # the writer thread, or a caller of commit() writing its own batch.
         self._conn: sqlite3.Connection | None = None
         self._writer = threading.Thread(target=self._run, name="fp-collect-sqlite", daemon=True)
         self._writer.start()
@@ -221,7 +220,7 @@ class SQLiteStore(Store):
         # transactions would start deferred ones, which fail under multi-process contention.
         # ``timeout`` is SQLite's busy timeout: wait for other processes' locks, then fail.
         # check_same_thread=False: the write connection passes between the writer thread
-        # and commit()'s callers, never used by two at once (``_writing``).
+        # and commit()'s callers, never used by two at once (``WriteQueue.writing``).
         return sqlite3.connect(
             self._path,
             timeout=self._busy_timeout,
@@ -276,36 +275,18 @@ class SQLiteStore(Store):
         return self._writes.submit(batch)
 
     def commit(self, batch: Batch, timeout: float | None = None) -> list[Outcome]:
-        """Commit ``batch`` and wait for it (what a WSGI request thread calls).
-
-        When nobody is writing, the batch is written here, in the calling thread: a lone
-        caller (Flask under a sync worker) spares the two thread switches of handing it
-        to the writer thread and being woken by it. When a write is under way the batch
-        goes to the writer thread as :meth:`submit`'s do, to share the next group's
-        transaction with the other callers waiting meanwhile (gthread workers). A batch
-        written here waits for other processes' locks up to the busy timeout, not
-        ``timeout``.
-        """
-        if not self._writing.acquire(blocking=False):
-            return self.submit(batch).result(timeout)
-        try:
-            if self._writes.closed:
-                raise StoreUnavailable(f"SQLite store {self._path!r} is closed")
-            commit = Commit()
-            commit.set_running_or_notify_cancel()
-            self._commit_group([Job(batch, commit)])
-        finally:
-            self._writing.release()
-        return commit.result(0)
+        # Written here when nobody else is writing (see WriteQueue.commit_here); a batch
+        # written here waits for other processes' locks up to the busy timeout.
+        return self._writes.commit_here(batch, timeout, self._commit_group)
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
             group, stopping = self._writes.next_group(MAX_GROUP)
             if group:
-                with self._writing:
+                with self._writes.writing:
                     self._commit_group(group)
-        with self._writing:
+        with self._writes.writing:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None

@@ -25,6 +25,7 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import urlsplit
 
 import psycopg
@@ -224,23 +225,44 @@ def test_nul_and_the_escape_character_round_trip_everywhere(pg_url: str) -> None
         assert profile is not None and profile.identities == (Identity("anonymous_id", weird),)
 
 
-def test_threads_store_each_message_id_once(pg_url: str) -> None:
+@pytest.mark.parametrize("committing", ["none", "half"])
+def test_threads_store_each_message_id_once(pg_url: str, committing: str) -> None:
+    """Eight threads write the same 200 message ids; with ``half``, every other thread
+    calls commit(), written in its own thread when nobody else is writing."""
     ids = [f"m{i}" for i in range(200)]
 
-    def submit_all(store: PostgresStore) -> list[Outcome]:
+    def write_all(worker: int) -> list[Outcome]:
         batches = [Batch(events=[event(i) for i in ids[n : n + 10]]) for n in range(0, 200, 10)]
+        if committing == "half" and worker % 2:
+            return [outcome for batch in batches for outcome in store.commit(batch, TIMEOUT)]
         futures = [store.submit(batch) for batch in batches]
         return [outcome for future in futures for outcome in future.result(TIMEOUT)]
 
     with PostgresStore(pg_url) as store:
         with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(submit_all, [store] * 8))
+            results = list(pool.map(write_all, range(8)))
         per_id = Counter(
             i for outcomes in results for i, o in zip(ids, outcomes, strict=True) if o.stored
         )
         assert per_id == Counter(ids)
         assert sorted(row.message_id for row in store.events()) == sorted(ids)
         assert len(list(store.rejections())) == 7 * 200
+
+
+def test_a_lone_commit_is_written_in_the_calling_thread(pg_url: str) -> None:
+    """Flask under a sync worker: no hand-over to the writer thread and back."""
+    with PostgresStore(pg_url) as store:
+        writers: list[str] = []
+        original = store._commit_group
+
+        def recording(group: Any) -> Any:
+            writers.append(threading.current_thread().name)
+            return original(group)
+
+        with mock.patch.object(store, "_commit_group", recording):
+            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [DUPLICATE]
+        assert writers == [threading.current_thread().name] * 2
 
 
 def test_a_failing_batch_fails_alone(postgres_dsn: str, pg_url: str, pg_schema: str) -> None:
@@ -471,7 +493,9 @@ class Attempt:
 @dataclass
 class Load:
     """A few threads committing small batches of new events one after another, until
-    stopped or after a bounded number each; every attempt is recorded."""
+    stopped or after a bounded number each; every attempt is recorded. Odd threads call
+    commit() (the WSGI path: written in the calling thread when nobody else is writing),
+    even ones submit() to the writer thread (the event loop's path)."""
 
     store: PostgresStore
     threads: int = 3
@@ -496,7 +520,11 @@ class Load:
             submitted = time.monotonic()
             result: list[Outcome] | BaseException
             try:
-                result = self.store.submit(Batch(events=[event(i) for i in ids])).result(TIMEOUT)
+                batch = Batch(events=[event(i) for i in ids])
+                if t % 2:
+                    result = self.store.commit(batch, TIMEOUT)
+                else:
+                    result = self.store.submit(batch).result(TIMEOUT)
             except (Exception, FutureTimeout) as exc:  # noqa: BLE001 - recorded, then judged
                 result = exc
             with self._lock:
