@@ -64,6 +64,8 @@ keys in many hash slots.
 **Group commit.** One writer thread per store takes every queued batch (up to
 ``MAX_GROUP``) and sends their scripts in one pipeline: each batch is still its own
 atomic step. A batch whose commit was cancelled before the writer took it is skipped.
+A blocking :meth:`RedisStore.commit` (a WSGI request thread) sends its batch itself when
+nobody else is writing, and otherwise joins the writer thread's next pipeline.
 
 **Outages.** Every socket operation is bounded by ``socket_timeout`` and
 ``socket_connect_timeout`` (3 and 2 seconds unless the URL says otherwise). redis-py's own
@@ -117,6 +119,7 @@ from fp_collect.store.base import (
     Commit,
     EventRecord,
     Identity,
+    Job,
     Outcome,
     Query,
     RejectionRecord,
@@ -677,30 +680,45 @@ class RedisStore(Store):
     def submit(self, batch: Batch) -> Commit:
         return self._writes.submit(batch)
 
+    def commit(self, batch: Batch, timeout: float | None = None) -> list[Outcome]:
+        # Written here when nobody else is writing (see WriteQueue.commit_here); a batch
+        # written here is bounded by the client's socket timeouts.
+        return self._writes.commit_here(batch, timeout, self._write)
+
     def _run(self) -> None:
         stopping = False
         while not stopping:
             taken, stopping = self._writes.next_group(MAX_GROUP)
-            group = [_Job(job.batch, job.commit) for job in taken]
-            try:
-                self._commit_group(group)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                # Redis is unreachable or stalled: fail this group, and at once everything
-                # that queued behind it rather than letting each wait for its own timeout.
-                for job in group:
-                    _fail(job, f"Redis commit failed: {exc}", exc)
+            with self._writes.writing:
+                unreachable = self._write(taken)
+            if unreachable is not None:
+                # Redis is unreachable or stalled: fail at once everything that queued
+                # behind this group rather than letting each wait for its own timeout.
                 queued, closing = self._writes.take_all()
                 stopping = stopping or closing
                 for queued_job in queued:
                     _fail(
                         _Job(queued_job.batch, queued_job.commit),
-                        f"Redis commit failed: {exc}",
-                        exc,
+                        f"Redis commit failed: {unreachable}",
+                        unreachable,
                     )
-            except Exception as exc:  # noqa: BLE001 - any failure here must reach every caller
-                for job in group:
-                    _fail(job, f"Redis commit failed: {exc}", exc)
-        self._client.close()
+        with self._writes.writing:
+            self._client.close()
+
+    def _write(self, taken: list[Job]) -> BaseException | None:
+        """Commit ``taken`` (failing every batch of it if that fails); the error when
+        Redis could not be reached or stalled, else None."""
+        group = [_Job(job.batch, job.commit) for job in taken]
+        try:
+            self._commit_group(group)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            for job in group:
+                _fail(job, f"Redis commit failed: {exc}", exc)
+            return exc
+        except Exception as exc:  # noqa: BLE001 - any failure here must reach every caller
+            for job in group:
+                _fail(job, f"Redis commit failed: {exc}", exc)
+        return None
 
     def _commit_group(self, group: list[_Job]) -> None:
         pending = group

@@ -19,6 +19,7 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import urlsplit
 
 import pytest
@@ -248,23 +249,44 @@ def test_windowed_claims_expire_in_redis_and_forever_claims_do_not(redis_url: st
 # -- exactness ------------------------------------------------------------------------
 
 
-def test_threads_store_each_message_id_once(url: str) -> None:
+@pytest.mark.parametrize("committing", ["none", "half"])
+def test_threads_store_each_message_id_once(url: str, committing: str) -> None:
+    """Eight threads write the same 200 message ids; with ``half``, every other thread
+    calls commit(), written in its own thread when nobody else is writing."""
     ids = [f"m{i}" for i in range(200)]
 
-    def submit_all(store: RedisStore) -> list[Outcome]:
+    def write_all(worker: int) -> list[Outcome]:
         batches = [Batch(events=[event(i) for i in ids[n : n + 10]]) for n in range(0, 200, 10)]
+        if committing == "half" and worker % 2:
+            return [outcome for batch in batches for outcome in store.commit(batch, TIMEOUT)]
         futures = [store.submit(batch) for batch in batches]
         return [outcome for future in futures for outcome in future.result(TIMEOUT)]
 
     with RedisStore(url) as store:
         with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(submit_all, [store] * 8))
+            results = list(pool.map(write_all, range(8)))
         per_id = Counter(
             i for outcomes in results for i, o in zip(ids, outcomes, strict=True) if o.stored
         )
         assert per_id == Counter(ids)
         assert sorted(stored_ids(store)) == sorted(ids)
         assert len(list(store.rejections())) == 7 * 200
+
+
+def test_a_lone_commit_is_written_in_the_calling_thread(url: str) -> None:
+    """Flask under a sync worker: no hand-over to the writer thread and back."""
+    with RedisStore(url) as store:
+        writers: list[str] = []
+        original = store._commit_group
+
+        def recording(group: Any) -> None:
+            writers.append(threading.current_thread().name)
+            original(group)
+
+        with mock.patch.object(store, "_commit_group", recording):
+            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [DUPLICATE]
+        assert writers == [threading.current_thread().name] * 2
 
 
 def interleave(store: RedisStore, monkeypatch: pytest.MonkeyPatch, meanwhile: Any) -> None:
@@ -656,7 +678,11 @@ class Load:
             ids = [f"t{thread}-{n}-{k}" for k in range(3)]
             started = time.monotonic()
             try:
-                outcomes = self.store.submit(Batch(events=[event(i) for i in ids])).result(HANG)
+                batch = Batch(events=[event(i) for i in ids])
+                if thread % 2:  # the WSGI path: written here when nobody else is writing
+                    outcomes = self.store.commit(batch, HANG)
+                else:
+                    outcomes = self.store.submit(batch).result(HANG)
             except StoreUnavailable:
                 with self.lock:
                     self.failed.append(ids)
