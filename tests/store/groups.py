@@ -1,17 +1,21 @@
-"""Random groups of batches for the stores' group-commit property tests: each store's
-writer must decide a group as the memory store decides its batches one at a time."""
+"""What the stores' own tests share: random groups of batches for the group-commit
+property tests (each store's writer must decide a group as the memory store decides its
+batches one at a time), a way to hold the writer thread, and the threaded write checks
+every store with a writer thread must pass."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 from hypothesis import strategies as st
 
-from fp_collect.store import Batch, Claim, EventRecord
+from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outcome
 from fp_collect.store.base import Identity, IdentityOp, SessionOp, StoredProfile
 
 
@@ -136,3 +140,52 @@ def held_writer(store: Any, timeout: float = 60) -> Iterator[None]:
         yield
     finally:
         release.set()
+
+
+THREAD_IDS = [f"m{i}" for i in range(200)]
+
+
+def stored_by_threads(
+    store: Any, make_event: Callable[[str], EventRecord], committing: str, timeout: float
+) -> Counter[str]:
+    """Eight threads write :data:`THREAD_IDS` in batches of ten; with ``committing ==
+    "half"`` every other thread calls ``commit()`` (written in its own thread when nobody
+    else is writing, else handed to the writer thread), the others ``submit()``. How
+    often each id was answered stored: dedup holds when each is once."""
+
+    def write_all(worker: int) -> list[Outcome]:
+        batches = [
+            Batch(events=[make_event(i) for i in THREAD_IDS[n : n + 10]])
+            for n in range(0, len(THREAD_IDS), 10)
+        ]
+        if committing == "half" and worker % 2:
+            return [outcome for batch in batches for outcome in store.commit(batch, timeout)]
+        futures = [store.submit(batch) for batch in batches]
+        return [outcome for future in futures for outcome in future.result(timeout)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(write_all, range(8)))
+    return Counter(
+        i for outcomes in results for i, o in zip(THREAD_IDS, outcomes, strict=True) if o.stored
+    )
+
+
+def writers_of_lone_commits(
+    store: Any, make_event: Callable[[str], EventRecord], timeout: float
+) -> list[str]:
+    """Commit one event twice (stored, then a duplicate) with nobody else writing; the
+    names of the threads that ran the store's group commit for them."""
+    writers: list[str] = []
+    original = store._commit_group
+
+    def recording(group: Any) -> Any:
+        writers.append(threading.current_thread().name)
+        return original(group)
+
+    store._commit_group = recording
+    try:
+        assert store.commit(Batch(events=[make_event("m1")]), timeout) == [STORED]
+        assert store.commit(Batch(events=[make_event("m1")]), timeout) == [DUPLICATE]
+    finally:
+        store._commit_group = original
+    return writers

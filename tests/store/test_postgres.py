@@ -17,7 +17,7 @@ import urllib.request
 from base64 import b64encode
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +25,6 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
-from unittest import mock
 from urllib.parse import urlsplit
 
 import psycopg
@@ -36,6 +35,8 @@ from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outcome, open_store
 from fp_collect.store.base import Identity, IdentityOp, RejectionRecord, SessionOp
 from fp_collect.store.postgres import SCHEMA_VERSION, PostgresStore, parse_url
+
+from .groups import THREAD_IDS, stored_by_threads, writers_of_lone_commits
 
 TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
 
@@ -229,40 +230,17 @@ def test_nul_and_the_escape_character_round_trip_everywhere(pg_url: str) -> None
 def test_threads_store_each_message_id_once(pg_url: str, committing: str) -> None:
     """Eight threads write the same 200 message ids; with ``half``, every other thread
     calls commit(), written in its own thread when nobody else is writing."""
-    ids = [f"m{i}" for i in range(200)]
-
-    def write_all(worker: int) -> list[Outcome]:
-        batches = [Batch(events=[event(i) for i in ids[n : n + 10]]) for n in range(0, 200, 10)]
-        if committing == "half" and worker % 2:
-            return [outcome for batch in batches for outcome in store.commit(batch, TIMEOUT)]
-        futures = [store.submit(batch) for batch in batches]
-        return [outcome for future in futures for outcome in future.result(TIMEOUT)]
-
     with PostgresStore(pg_url) as store:
-        with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(write_all, range(8)))
-        per_id = Counter(
-            i for outcomes in results for i, o in zip(ids, outcomes, strict=True) if o.stored
-        )
-        assert per_id == Counter(ids)
-        assert sorted(row.message_id for row in store.events()) == sorted(ids)
+        assert stored_by_threads(store, event, committing, TIMEOUT) == Counter(THREAD_IDS)
+        assert sorted(row.message_id for row in store.events()) == sorted(THREAD_IDS)
         assert len(list(store.rejections())) == 7 * 200
 
 
 def test_a_lone_commit_is_written_in_the_calling_thread(pg_url: str) -> None:
     """Flask under a sync worker: no hand-over to the writer thread and back."""
     with PostgresStore(pg_url) as store:
-        writers: list[str] = []
-        original = store._commit_group
-
-        def recording(group: Any) -> Any:
-            writers.append(threading.current_thread().name)
-            return original(group)
-
-        with mock.patch.object(store, "_commit_group", recording):
-            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
-            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [DUPLICATE]
-        assert writers == [threading.current_thread().name] * 2
+        writers = writers_of_lone_commits(store, event, TIMEOUT)
+    assert writers == [threading.current_thread().name] * 2
 
 
 def test_a_failing_batch_fails_alone(postgres_dsn: str, pg_url: str, pg_schema: str) -> None:

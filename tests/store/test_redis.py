@@ -19,7 +19,6 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
-from unittest import mock
 from urllib.parse import urlsplit
 
 import pytest
@@ -44,7 +43,16 @@ from fp_collect.store.memory import MemoryStore
 from fp_collect.store.redis_streams import RedisStore
 
 from .conftest import redis_prefix
-from .groups import POOL, held_writer, offered_ids_of_batch, random_events, same_profile
+from .groups import (
+    POOL,
+    THREAD_IDS,
+    held_writer,
+    offered_ids_of_batch,
+    random_events,
+    same_profile,
+    stored_by_threads,
+    writers_of_lone_commits,
+)
 
 TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
 HANG = 15.0  # "did not hang": far above the 0.5 s socket timeouts the outage tests use
@@ -253,40 +261,17 @@ def test_windowed_claims_expire_in_redis_and_forever_claims_do_not(redis_url: st
 def test_threads_store_each_message_id_once(url: str, committing: str) -> None:
     """Eight threads write the same 200 message ids; with ``half``, every other thread
     calls commit(), written in its own thread when nobody else is writing."""
-    ids = [f"m{i}" for i in range(200)]
-
-    def write_all(worker: int) -> list[Outcome]:
-        batches = [Batch(events=[event(i) for i in ids[n : n + 10]]) for n in range(0, 200, 10)]
-        if committing == "half" and worker % 2:
-            return [outcome for batch in batches for outcome in store.commit(batch, TIMEOUT)]
-        futures = [store.submit(batch) for batch in batches]
-        return [outcome for future in futures for outcome in future.result(TIMEOUT)]
-
     with RedisStore(url) as store:
-        with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(write_all, range(8)))
-        per_id = Counter(
-            i for outcomes in results for i, o in zip(ids, outcomes, strict=True) if o.stored
-        )
-        assert per_id == Counter(ids)
-        assert sorted(stored_ids(store)) == sorted(ids)
+        assert stored_by_threads(store, event, committing, TIMEOUT) == Counter(THREAD_IDS)
+        assert sorted(stored_ids(store)) == sorted(THREAD_IDS)
         assert len(list(store.rejections())) == 7 * 200
 
 
 def test_a_lone_commit_is_written_in_the_calling_thread(url: str) -> None:
     """Flask under a sync worker: no hand-over to the writer thread and back."""
     with RedisStore(url) as store:
-        writers: list[str] = []
-        original = store._commit_group
-
-        def recording(group: Any) -> None:
-            writers.append(threading.current_thread().name)
-            original(group)
-
-        with mock.patch.object(store, "_commit_group", recording):
-            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
-            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [DUPLICATE]
-        assert writers == [threading.current_thread().name] * 2
+        writers = writers_of_lone_commits(store, event, TIMEOUT)
+    assert writers == [threading.current_thread().name] * 2
 
 
 def interleave(store: RedisStore, monkeypatch: pytest.MonkeyPatch, meanwhile: Any) -> None:

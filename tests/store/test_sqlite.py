@@ -25,7 +25,15 @@ from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outco
 from fp_collect.store.memory import MemoryStore
 from fp_collect.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
-from .groups import held_writer, offered_ids_of_batch, random_events, same_profile
+from .groups import (
+    THREAD_IDS,
+    held_writer,
+    offered_ids_of_batch,
+    random_events,
+    same_profile,
+    stored_by_threads,
+    writers_of_lone_commits,
+)
 
 TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
 
@@ -63,44 +71,20 @@ def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("committing", ["none", "half"])
 def test_threads_store_each_message_id_once(tmp_path: Path, committing: str) -> None:
-    """Eight threads write the same 200 message ids. With ``half``, every other thread
-    calls commit(), which writes in its own thread when nobody else is writing and hands
-    the batch to the writer thread otherwise: dedup must hold across both."""
-    ids = [f"m{i}" for i in range(200)]
-
-    def write_all(worker: int) -> list[Outcome]:
-        batches = [Batch(events=[event(i) for i in ids[n : n + 10]]) for n in range(0, 200, 10)]
-        if committing == "half" and worker % 2:
-            return [outcome for batch in batches for outcome in store.commit(batch, TIMEOUT)]
-        futures = [store.submit(batch) for batch in batches]
-        return [outcome for future in futures for outcome in future.result(TIMEOUT)]
-
+    """Eight threads write the same 200 message ids; with ``half``, every other thread
+    calls commit(), written in its own thread when nobody else is writing."""
     with SQLiteStore(tmp_path / "t.db", synchronous="NORMAL") as store:
-        with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(write_all, range(8)))
-        per_id = Counter(
-            i for outcomes in results for i, o in zip(ids, outcomes, strict=True) if o.stored
-        )
-        assert per_id == Counter(ids)
-        assert sorted(row.message_id for row in store.events()) == sorted(ids)
+        assert stored_by_threads(store, event, committing, TIMEOUT) == Counter(THREAD_IDS)
+        assert sorted(row.message_id for row in store.events()) == sorted(THREAD_IDS)
         assert len(list(store.rejections())) == 7 * 200
 
 
 def test_a_lone_commit_is_written_in_the_calling_thread(tmp_path: Path) -> None:
     """Flask under a sync worker: no hand-over to the writer thread and back."""
     with SQLiteStore(tmp_path / "t.db") as store:
-        writers: list[str] = []
-        original = store._commit_group
-
-        def recording(group: Any) -> None:
-            writers.append(threading.current_thread().name)
-            original(group)
-
-        with mock.patch.object(store, "_commit_group", recording):
-            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
-            assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [DUPLICATE]
-        assert writers == [threading.current_thread().name] * 2
+        writers = writers_of_lone_commits(store, event, TIMEOUT)
         assert [row.message_id for row in store.events()] == ["m1"]
+    assert writers == [threading.current_thread().name] * 2
 
 
 def test_commits_during_a_write_share_the_next_group(tmp_path: Path) -> None:
