@@ -204,7 +204,10 @@ class Query:
     """Filters for reading back. ``since`` (inclusive) and ``until`` (exclusive) compare
     with ``received_at`` (ISO, UTC, as the store writes it).
 
-    ``after_id`` is a cursor: only rows with a larger id. Rows come in id order.
+    ``after_id`` is a cursor, the id of the last row read: only rows after it. Rows come
+    in id order, except in PostgreSQL, where rows written by several processes come in
+    the order their transactions began (see :mod:`fp_collect.store.postgres`) so that a
+    cursor never passes a row that is still to commit.
     ``type`` filters events by type and rejections by reason. ``name`` (the event's name),
     ``profile_id`` and ``flagged`` (only events stored with warnings) filter events only.
     ``profile_id`` follows merges, as :meth:`Store.profile` does: it selects the events

@@ -72,8 +72,13 @@ Design:
   out (U+0000 as U+FFFF ``0``, U+FFFF as U+FFFF U+FFFF), so every string round-trips
   exactly; tools reading the tables directly see the escaped form.
 
-Event ids increase in commit order within one process; across processes an id can
-commit after a larger one, as with any sequence.
+**Reading in order.** Ids are drawn when a row is inserted, so across processes an id
+can commit after a larger one. Each event and rejection therefore keeps the id of the
+transaction that wrote it (``xact_id``), rows are read in ``(xact_id, id)`` order (id
+order within one process), and a row is read only once every transaction that began
+before its own has ended. A reader following its cursor (the last id it read) thus sees
+every row exactly once; a long transaction elsewhere on the server delays new rows
+(never loses them) until it ends. Needs PostgreSQL 13 or newer (``xid8``).
 """
 
 from __future__ import annotations
@@ -122,7 +127,7 @@ from fp_collect.store.base import (
 )
 from fp_collect.store.identity import resolve_profile, resolve_session
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_SCHEMA = "fp_collect"
 DEFAULT_POOL_SIZE = 4
 DEFAULT_CONNECT_TIMEOUT = 5
@@ -209,6 +214,26 @@ _MIGRATIONS: list[list[str]] = [
             last_seen double precision NOT NULL
         )""",
         "CREATE INDEX IF NOT EXISTS sessions_profile ON {s}.sessions (profile_id, last_seen)",
+    ],
+    # Version 2: each event and rejection keeps the id of the transaction that wrote it,
+    # and rows are read in (xact_id, id) order (see _select). Rows written before keep 0
+    # and so come first, in id order. The orderings' indexes gain the column.
+    [
+        "ALTER TABLE {s}.events ADD COLUMN xact_id xid8 NOT NULL DEFAULT '0'",
+        "ALTER TABLE {s}.events ALTER COLUMN xact_id SET DEFAULT pg_current_xact_id()",
+        "ALTER TABLE {s}.rejections ADD COLUMN xact_id xid8 NOT NULL DEFAULT '0'",
+        "ALTER TABLE {s}.rejections ALTER COLUMN xact_id SET DEFAULT pg_current_xact_id()",
+        "DROP INDEX {s}.events_source",
+        "DROP INDEX {s}.events_profile",
+        "DROP INDEX {s}.events_flagged",
+        "DROP INDEX {s}.rejections_source",
+        "CREATE INDEX events_order ON {s}.events (xact_id, id)",
+        "CREATE INDEX events_source ON {s}.events (source_id, xact_id, id)",
+        "CREATE INDEX events_profile ON {s}.events (profile_id, xact_id, id)",
+        "CREATE INDEX events_flagged ON {s}.events (source_id, xact_id, id)"
+        " WHERE warnings IS NOT NULL",
+        "CREATE INDEX rejections_order ON {s}.rejections (xact_id, id)",
+        "CREATE INDEX rejections_source ON {s}.rejections (source_id, xact_id, id)",
     ],
 ]
 
@@ -634,7 +659,15 @@ class PostgresStore(Store):
         table = _qualified("{s}.schema_version", self.options.schema)
         try:
             with self._watchdog.watch(conn, self._stall_timeout):
-                row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+                # pg_class read as a table, with this statement's snapshot: to_regclass()
+                # would look through the transaction's catalog cache, which does not see a
+                # table that another session created while we waited for the lock.
+                row = conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c"
+                    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = %s AND c.relname = 'schema_version')",
+                    (self.options.schema,),
+                ).fetchone()
                 if not (row and row[0]):
                     return 0
                 row = conn.execute(f"SELECT max(version) FROM {table}").fetchone()
@@ -882,7 +915,18 @@ class PostgresStore(Store):
     def _select(self, table: str, columns: str, type_column: str, query: Query) -> Iterator[_Row]:
         if query.limit is not None and query.limit < 0:
             raise ValueError(f"limit must be None or >= 0, not {query.limit}")
-        where = ["id > %s"]
+        # A reader's cursor is the id of the last row it read. Ids are drawn when a row
+        # is inserted, so across processes a smaller id can still be uncommitted when a
+        # larger one is read; a cursor past it would skip it. Rows are therefore read in
+        # (xact_id, id) order, and only those whose transaction is older than every
+        # transaction still running (the statement's snapshot xmin): any row committed
+        # later sorts after everything returned now. The cursor's own row gives its place
+        # in that order (an id that is no row: the nearest row below it).
+        where = [
+            f"(xact_id, id) > (COALESCE((SELECT c.xact_id FROM {{s}}.{table} c WHERE c.id <= %s"
+            " ORDER BY c.id DESC LIMIT 1), '0'), %s)",
+            "xact_id < pg_snapshot_xmin(pg_current_snapshot())",
+        ]
         params: list[object] = []
         for column, value in (
             ("source_id", query.source_id),
@@ -913,12 +957,15 @@ class PostgresStore(Store):
         if table == "events" and query.flagged:
             where.append("warnings IS NOT NULL")
         sql = _qualified(
-            f"SELECT {columns} FROM {{s}}.{table} WHERE {' AND '.join(where)} ORDER BY id LIMIT %s",
+            f"SELECT {columns} FROM {{s}}.{table} WHERE {' AND '.join(where)}"
+            " ORDER BY xact_id, id LIMIT %s",
             self.options.schema,
         )
 
         def page(after_id: int, size: int) -> list[_Row]:
-            return self._read(lambda conn, run: run(sql, (after_id, *params, size)).fetchall())
+            return self._read(
+                lambda conn, run: run(sql, (after_id, after_id, *params, size)).fetchall()
+            )
 
         # Pages of bounded size, each its own short statement, so a large read never
         # runs into the statement timeout; the first is read now so that an unavailable

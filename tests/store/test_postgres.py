@@ -33,7 +33,7 @@ import pytest
 from fp_collect import Collector, Source
 from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outcome, open_store
-from fp_collect.store.base import Identity, IdentityOp, RejectionRecord, SessionOp
+from fp_collect.store.base import Identity, IdentityOp, Query, RejectionRecord, SessionOp
 from fp_collect.store.postgres import SCHEMA_VERSION, PostgresStore, parse_url
 
 from .groups import THREAD_IDS, stored_by_threads, writers_of_lone_commits
@@ -379,6 +379,87 @@ def test_close_drains_then_submit_raises_and_reads_still_work(pg_url: str) -> No
         store.submit(Batch())
     store.close()
     assert len(list(store.events())) == 50
+
+
+# -- reading with a cursor ------------------------------------------------------------------
+
+
+def late_row(table: str, message_id: str) -> str:
+    """What another process's writer has done mid-transaction: drawn the next id for a
+    row it has not yet committed."""
+    if table == "events":
+        return (
+            "INSERT INTO {s}.events (source_id, message_id, type, timestamp, received_at,"
+            f" payload) VALUES ('src', '{message_id}', 'track', 't', 'r', '{{}}')"
+        )
+    return (
+        "INSERT INTO {s}.rejections (source_id, reason, message, received_at, endpoint,"
+        f" payload, message_id) VALUES ('src', 'r', 'm', 'r', '/v1/t', '{{}}', '{message_id}')"
+    )
+
+
+def rejection(message_id: str) -> RejectionRecord:
+    return RejectionRecord("src", message_id, "m", "r", "/v1/t", "{}", None, message_id)
+
+
+@pytest.mark.parametrize("table", ["events", "rejections"])
+def test_a_cursor_never_passes_a_row_another_process_has_yet_to_commit(
+    postgres_dsn: str, pg_url: str, pg_schema: str, table: str
+) -> None:
+    """Ids are drawn at insert, so a smaller one can commit after a larger one: a reader
+    whose cursor moved past it would never see it."""
+
+    def commit(message_id: str) -> None:
+        if table == "events":
+            assert store.commit(Batch(events=[event(message_id)])) == [STORED]
+        else:
+            store.commit(Batch(rejections=[rejection(message_id)]))
+
+    def read(cursor: int) -> list[tuple[int, str | None]]:
+        rows = store.events if table == "events" else store.rejections
+        return [(row.id, row.message_id) for row in rows(Query(after_id=cursor))]
+
+    with PostgresStore(pg_url) as store:
+        commit("first")
+        [(cursor, _)] = read(0)
+        with uncommitted(postgres_dsn, pg_schema, late_row(table, "late")):
+            commit("after")  # a larger id, committed
+            assert read(cursor) == []  # not yet: the row before it is still being written
+            assert read(0) == [(cursor, "first")]
+        # Both now, the late one first (it began first), whatever the ids say.
+        [(late, late_id), (after, after_id)] = read(cursor)
+        assert (late_id, after_id) == ("late", "after") and late < after
+        assert read(after) == []
+        assert read(late) == [(after, "after")]
+        with uncommitted(postgres_dsn, pg_schema, late_row(table, "gone")) as rolled_back:
+            commit("later")
+            rolled_back.rollback()  # a writer that fails lets the reader through
+        assert [message_id for _, message_id in read(after)] == ["later"]
+
+
+def test_version_1_is_migrated_and_its_rows_read_first_in_id_order(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    from fp_collect.store.postgres import _MIGRATIONS
+
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute(f'CREATE SCHEMA "{pg_schema}"')
+        for statement in _MIGRATIONS[0]:
+            conn.execute(statement.replace("{s}", f'"{pg_schema}"'))  # type: ignore[arg-type]
+        conn.execute(f'INSERT INTO "{pg_schema}".schema_version VALUES (1)')
+        for message_id in ("old-1", "old-2"):
+            insert = late_row("events", message_id).replace("{s}", f'"{pg_schema}"')
+            conn.execute(insert)  # type: ignore[arg-type]
+    with PostgresStore(pg_url) as store:
+        assert store.commit(Batch(events=[event("new"), event("old-1")])) == [STORED, DUPLICATE]
+        rows = list(store.events())
+        assert [row.message_id for row in rows] == ["old-1", "old-2", "new"]
+        assert [row.message_id for row in store.events(Query(after_id=rows[0].id))] == [
+            "old-2",
+            "new",
+        ]
+        assert [row.reason for row in store.rejections()] == ["duplicate_message_id"]
+    assert scalar(postgres_dsn, f'SELECT version FROM "{pg_schema}".schema_version') == 2
 
 
 # -- two processes ------------------------------------------------------------------------
