@@ -35,6 +35,7 @@ from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outcome, open_store
 from fp_collect.store.base import Identity, IdentityOp, Query, RejectionRecord, SessionOp
 from fp_collect.store.postgres import SCHEMA_VERSION, PostgresStore, parse_url
+from fp_collect.store.postgres.sql import MIGRATIONS
 
 from .groups import THREAD_IDS, stored_by_threads, writers_of_lone_commits
 
@@ -489,11 +490,9 @@ def test_a_reader_following_writers_of_several_stores_reads_each_event_once(
 def test_version_1_is_migrated_and_its_rows_read_first_in_id_order(
     postgres_dsn: str, pg_url: str, pg_schema: str
 ) -> None:
-    from fp_collect.store.postgres import _MIGRATIONS
-
     with psycopg.connect(postgres_dsn) as conn:
         conn.execute(f'CREATE SCHEMA "{pg_schema}"')
-        for statement in _MIGRATIONS[0]:
+        for statement in MIGRATIONS[0]:
             conn.execute(statement.replace("{s}", f'"{pg_schema}"'))  # type: ignore[arg-type]
         conn.execute(f'INSERT INTO "{pg_schema}".schema_version VALUES (1)')
         for message_id in ("old-1", "old-2"):

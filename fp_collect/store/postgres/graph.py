@@ -1,0 +1,83 @@
+"""The identity graph's primitives in SQL, over which
+:func:`~fp_collect.store.identity.resolve_profile` runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ujson
+
+from fp_collect.decoding import dumps
+from fp_collect.store.base import (
+    Identity,
+)
+from fp_collect.store.postgres.sql import Run
+
+
+class PGGraph:
+    """The identity primitives over the writer's transaction (or a read's).
+
+    With ``lock``, following a profile locks its row until the transaction ends, which
+    is what serialises concurrent events, merges and sessions of one person.
+    """
+
+    def __init__(self, run: Run, sql: dict[str, str], *, lock: bool) -> None:
+        self._run = run
+        self._sql = sql
+        self._merged_into = sql["merged_into_locked" if lock else "merged_into"]
+
+    def _one(self, name: str, params: tuple[object, ...]) -> Any:
+        row = self._run(self._sql[name], params).fetchone()
+        return None if row is None else row[0]
+
+    def owner(self, scope: str, identity: Identity) -> str | None:
+        owner: str | None = self._one("owner", (scope, identity.kind, identity.value))
+        return owner
+
+    def canonical(self, profile_id: str) -> str | None:
+        current = profile_id
+        for _ in range(1000):  # merge chains are short; a cycle would be a bug
+            row = self._run(self._merged_into, (current,)).fetchone()
+            if row is None:
+                return None
+            if row[0] is None:
+                return current
+            current = row[0]
+        raise RuntimeError(f"profile {profile_id!r}: merge chain too long")
+
+    def created_at(self, profile_id: str) -> float:
+        created: float = self._one("created_at", (profile_id,))
+        return created
+
+    def create_profile(self, profile_id: str, scope: str, at: float) -> None:
+        self._run(self._sql["create_profile"], (profile_id, scope, at))
+
+    def attach(self, scope: str, identity: Identity, profile_id: str) -> None:
+        self._run(self._sql["attach"], (scope, identity.kind, identity.value, profile_id))
+
+    def merge(self, survivor: str, merged: str) -> None:
+        self._run(self._sql["move_identities"], (survivor, merged))
+        self._run(self._sql["move_sessions"], (survivor, merged))
+        gone = ujson.loads(self._one("traits", (merged,)))
+        kept = ujson.loads(self._one("traits", (survivor,)))
+        self._run(self._sql["set_traits"], (dumps({**gone, **kept}), survivor))
+        self._run(self._sql["mark_merged"], (survivor, merged))
+
+    def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
+        current = ujson.loads(self._one("traits", (profile_id,)))
+        self._run(self._sql["set_traits"], (dumps({**current, **traits}), profile_id))
+
+    def latest_session(self, profile_id: str) -> tuple[str, float] | None:
+        row = self._run(self._sql["latest_session"], (profile_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def session_owner(self, session_id: str) -> str | None:
+        owner: str | None = self._one("session_owner", (session_id,))
+        return owner
+
+    def start_session(self, session_id: str, profile_id: str, at: float) -> None:
+        self._run(self._sql["start_session"], (session_id, profile_id, at, at))
+
+    def touch_session(self, session_id: str, at: float) -> None:
+        self._run(self._sql["touch_session"], (at, session_id))

@@ -1,0 +1,610 @@
+"""The PostgreSQL store itself: the writer thread's group commits and the reads."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import psycopg
+import ujson
+from psycopg.pq import TransactionStatus
+from psycopg_pool import ConnectionPool
+
+from fp_collect.decoding import dumps
+from fp_collect.errors import ConfigError, StoreUnavailable
+from fp_collect.store.base import (
+    DUPLICATE,
+    STORED,
+    UNKNOWN_USER,
+    Batch,
+    Commit,
+    EventRecord,
+    Identity,
+    Job,
+    Outcome,
+    Query,
+    Store,
+    StoredEvent,
+    StoredProfile,
+    StoredRejection,
+    WriteQueue,
+    refused_records,
+)
+from fp_collect.store.identity import resolve_profile, resolve_session
+from fp_collect.store.postgres.graph import PGGraph
+from fp_collect.store.postgres.options import parse_url
+from fp_collect.store.postgres.sql import (
+    EVENT_COLUMNS,
+    MIGRATIONS,
+    RACES,
+    REJECTION_COLUMNS,
+    SCHEMA_VERSION,
+    STATEMENTS,
+    Connection,
+    Cursor,
+    Row,
+    Run,
+    qualified,
+    quote,
+)
+from fp_collect.store.postgres.text import ADAPTERS
+from fp_collect.store.postgres.watchdog import Watchdog
+
+# Beyond the server's statement timeout, how long a silent connection is given.
+STALL_GRACE = 1.0
+# A group is one transaction: enough batches to share a commit, few enough events that
+# the first request in it is not kept waiting behind thousands of round trips.
+MAX_GROUP = 256
+MAX_GROUP_ROWS = 2000
+# Attempts for a batch that keeps losing races (unique violations, deadlocks).
+MAX_ATTEMPTS = 5
+# Rows per query when reading back; each page is one bounded statement.
+READ_PAGE = 2000
+
+_T = TypeVar("_T")
+_Done = tuple[Commit, "list[Outcome] | BaseException"]
+
+
+class _Race(Exception):
+    """A batch lost a race with another transaction; it was rolled back, redo it."""
+
+
+class _Unreachable(StoreUnavailable):
+    """No answer from the server: no connection, or one that went silent."""
+
+
+class PostgresStore(Store):
+    """A PostgreSQL schema shared by any number of threads, processes and machines.
+
+    :param url: ``postgresql://`` or ``postgres://`` URL; see the module documentation
+        for the options it may carry (``schema``, ``pool_size``, ``statement_timeout``,
+        ``connect_timeout``).
+    :param create: create (or migrate) the schema when it is missing or older. False
+        for a reader that must not change the database: a schema without fp-collect's
+        tables (a typo in ``schema=``, say) is then a :class:`ConfigError`.
+    """
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.options = options = parse_url(url)
+        self._sql = {name: qualified(text, options.schema) for name, text in STATEMENTS.items()}
+        self._stall_timeout = options.statement_timeout + STALL_GRACE
+        self._connect_kwargs: dict[str, Any] = dict(options.defaults)
+        self._watchdog = Watchdog()
+        try:
+            conn = self._connect()
+            try:
+                self._ensure_schema(conn, create)
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            self._watchdog.stop()
+            raise
+        # Used only by whoever holds self._writes.writing: the writer thread, or a caller
+        # of commit() writing its own batch (psycopg connections may change threads).
+        self._conn: Connection | None = conn
+        self._pool: ConnectionPool[Connection] = ConnectionPool(
+            options.conninfo,
+            kwargs={"autocommit": True, "context": ADAPTERS, **self._connect_kwargs},
+            # Reads are occasional: open connections on demand, keep none idle for long.
+            min_size=0,
+            max_size=options.pool_size,
+            configure=self._configure,
+            check=self._check,
+            name=f"fp-collect-{options.schema}",
+            timeout=options.connect_timeout + self._stall_timeout,
+            # Give up background reconnection quickly: the next read tries afresh, so
+            # reads resume as soon as the server does instead of after a long backoff.
+            reconnect_timeout=float(options.connect_timeout),
+            max_idle=60.0,
+            num_workers=1,
+            open=True,
+        )
+        self._writes = WriteQueue(f"PostgreSQL store {options.schema!r} is closed")
+        self._writer = threading.Thread(target=self._run, name="fp-collect-postgres", daemon=True)
+        self._writer.start()
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _connect(self) -> Connection:
+        try:
+            conn: Connection = psycopg.Connection.connect(
+                self.options.conninfo, autocommit=True, context=ADAPTERS, **self._connect_kwargs
+            )
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            self._configure(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, psycopg.Error):
+                raise StoreUnavailable(f"cannot set up a PostgreSQL session: {exc}") from exc
+            raise
+        return conn
+
+    def _configure(self, conn: Connection) -> None:
+        statement = str(int(self.options.statement_timeout * 1000))
+        # The server waits on an idle transaction as long as we wait on the server: if
+        # this process (or its network) stops mid-transaction, the session is ended and
+        # its locks are freed for everyone else.
+        idle = str(int(self._stall_timeout * 1000))
+        with self._watchdog.watch(conn, self._stall_timeout):
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, false),"
+                " set_config('idle_in_transaction_session_timeout', %s, false)",
+                (statement, idle),
+            )
+
+    def _check(self, conn: Connection) -> None:
+        """The pool's check on checkout: a dead (or silent) connection is replaced."""
+        with self._watchdog.watch(conn, self._stall_timeout):
+            conn.execute("")
+
+    def _ensure_schema(self, conn: Connection, create: bool) -> None:
+        schema = self.options.schema
+        version = self._schema_version(conn)
+        if version < SCHEMA_VERSION and not create:
+            found = f"version {version} of its tables" if version else "no fp-collect tables"
+            raise ConfigError(
+                f"PostgreSQL schema {schema!r} holds {found}; nothing was changed"
+                " (a collector using this URL creates or migrates it)"
+            )
+        if version < SCHEMA_VERSION:
+            # Two processes opening a new database at once: the second waits here for
+            # the first's transaction and then finds the schema current.
+            key = int.from_bytes(
+                hashlib.blake2b(f"fp-collect:{schema}".encode(), digest_size=8).digest(),
+                "big",
+                signed=True,
+            )
+            try:
+                with self._watchdog.watch(conn, self._stall_timeout) as watch:
+                    cur = conn.cursor()
+
+                    def run(sql: str, params: Sequence[object] = ()) -> Cursor:
+                        watch.extend()
+                        return cur.execute(qualified(sql, schema), params)
+
+                    with conn.transaction():
+                        run("SELECT pg_advisory_xact_lock(%s)", (key,))
+                        version = self._schema_version(conn)
+                        exists = run("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+                        if exists.fetchone() is None:
+                            # Looked up first: CREATE SCHEMA IF NOT EXISTS needs the
+                            # right to create even when the schema is there.
+                            run(f"CREATE SCHEMA IF NOT EXISTS {quote(schema)}")
+                        for step in MIGRATIONS[version:SCHEMA_VERSION]:
+                            for statement in step:
+                                run(statement)
+                        if version < SCHEMA_VERSION:
+                            run("DELETE FROM {s}.schema_version")
+                            run("INSERT INTO {s}.schema_version VALUES (%s)", (SCHEMA_VERSION,))
+                            version = SCHEMA_VERSION
+                        watch.extend()  # for the COMMIT
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable(f"cannot set up schema {schema!r}: {exc}") from exc
+            except psycopg.Error as exc:
+                raise ConfigError(f"cannot set up schema {schema!r}: {exc}") from exc
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"PostgreSQL schema {schema!r} has version {version}, expected {SCHEMA_VERSION}"
+            )
+
+    def _schema_version(self, conn: Connection) -> int:
+        table = qualified("{s}.schema_version", self.options.schema)
+        try:
+            with self._watchdog.watch(conn, self._stall_timeout):
+                # pg_class read as a table, with this statement's snapshot: to_regclass()
+                # would look through the transaction's catalog cache, which does not see a
+                # table that another session created while we waited for the lock.
+                row = conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c"
+                    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = %s AND c.relname = 'schema_version')",
+                    (self.options.schema,),
+                ).fetchone()
+                if not (row and row[0]):
+                    return 0
+                row = conn.execute(f"SELECT max(version) FROM {table}").fetchone()
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"cannot open PostgreSQL store: {exc}") from exc
+        except psycopg.Error as exc:
+            raise ConfigError(f"cannot read the PostgreSQL schema version: {exc}") from exc
+        return int(row[0]) if row and row[0] is not None else 0
+
+    # -- writing -------------------------------------------------------------------------
+
+    def submit(self, batch: Batch) -> Commit:
+        return self._writes.submit(batch)
+
+    def commit(self, batch: Batch, timeout: float | None = None) -> list[Outcome]:
+        # Written here when nobody else is writing (see WriteQueue.commit_here); a batch
+        # written here is bounded by the statement and connect timeouts.
+        return self._writes.commit_here(batch, timeout, self._commit_group)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            group, stopping = self._writes.next_group(MAX_GROUP, MAX_GROUP_ROWS)
+            with self._writes.writing:
+                unreachable = self._commit_group(group) if group else None
+            if unreachable is not None and not stopping:
+                stopping = self._fail_queued(unreachable)
+        with self._writes.writing:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _fail_queued(self, cause: _Unreachable) -> bool:
+        """The server could not be reached: fail everything already waiting now, rather
+        than making each group wait for its own connection attempt. True at the stop."""
+        queued, stopping = self._writes.take_all()
+        for job in queued:
+            job.commit.set_exception(_unavailable(str(cause), cause))
+        return stopping
+
+    def _commit_group(self, group: list[Job]) -> _Unreachable | None:
+        """Commit ``group``; the error when the server could not be reached at all."""
+        jobs = group
+        races = 0
+        while jobs:
+            try:
+                done, jobs, lost = self._commit_some(jobs)
+            except Exception as exc:  # noqa: BLE001 - any failure here must reach every caller
+                # The transaction is lost (rolled back by the server with the session):
+                # every batch of it fails, and the next group starts on a new connection.
+                self._drop_connection()
+                unreachable = exc if isinstance(exc, _Unreachable) else None
+                message = str(exc) if unreachable else f"PostgreSQL commit failed: {exc}"
+                for job in jobs:
+                    job.commit.set_exception(_unavailable(message, exc))
+                return unreachable
+            for commit, result in done:
+                commit.settle(result)
+            if jobs:
+                # jobs[0] lost a race; it is retried alone at the head of a new
+                # transaction, after the batches before it were committed.
+                races = races + 1 if not done else 1
+                if races >= MAX_ATTEMPTS:
+                    message = f"batch not stored after {races} attempts: {lost}"
+                    jobs[0].commit.set_exception(_unavailable(message, lost))
+                    jobs, races = jobs[1:], 0
+        return None
+
+    def _commit_some(self, jobs: list[Job]) -> tuple[list[_Done], list[Job], BaseException]:
+        """Apply jobs in one transaction until one loses a race; commit those before it.
+        Returns their results, the jobs left (the loser first) and why it lost."""
+        conn = self._begin()
+        done: list[_Done] = []
+        left: list[Job] = []
+        lost: BaseException = _Race()
+        with self._watchdog.watch(conn, self._stall_timeout) as watch:
+            cur = conn.cursor()
+
+            def run(sql: str, params: Sequence[object] = ()) -> Cursor:
+                watch.extend()
+                return cur.execute(sql, params)
+
+            try:
+                for n, job in enumerate(jobs):
+                    try:
+                        done.append((job.commit, self._apply_in_savepoint(conn, run, job.batch)))
+                    except _Race as race:
+                        left, lost = jobs[n:], race.__cause__ or race
+                        break
+                run("COMMIT", ())
+            except Exception as exc:
+                if watch.fired:
+                    raise _Unreachable(
+                        f"PostgreSQL did not answer within {self._stall_timeout:g} s"
+                    ) from exc
+                raise
+        return done, left, lost
+
+    def _begin(self) -> Connection:
+        """The writer's connection with a transaction open, reconnecting as needed.
+
+        A connection that died while idle (a server restart, a cut network) is only
+        found out by using it; BEGIN is then retried once on a fresh one, which is safe
+        because nothing was sent before it.
+        """
+        retry = self._conn is not None
+        while True:
+            if self._conn is None:
+                try:
+                    self._conn = self._connect()
+                except StoreUnavailable as exc:
+                    raise _Unreachable(str(exc)) from exc.__cause__
+            try:
+                with self._watchdog.watch(self._conn, self._stall_timeout):
+                    self._conn.execute("BEGIN")
+                return self._conn
+            except psycopg.Error as exc:
+                self._drop_connection()
+                if not retry:
+                    raise _Unreachable(f"PostgreSQL is unavailable: {exc}") from exc
+                retry = False
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with suppress(Exception):
+                self._conn.close()  # a transaction left open is rolled back by the server
+            self._conn = None
+
+    def _apply_in_savepoint(
+        self, conn: Connection, run: Run, batch: Batch
+    ) -> list[Outcome] | BaseException:
+        run("SAVEPOINT batch", ())
+        try:
+            outcomes = self._apply(run, batch)
+        except Exception as exc:  # reported on this batch's commit only
+            if conn.broken or conn.info.transaction_status not in (
+                TransactionStatus.INTRANS,
+                TransactionStatus.INERROR,
+            ):
+                raise  # the connection is gone, and the other batches with it
+            run("ROLLBACK TO SAVEPOINT batch", ())
+            run("RELEASE SAVEPOINT batch", ())
+            if isinstance(exc, _Race):
+                raise
+            if isinstance(exc, RACES):
+                raise _Race() from exc
+            return _unavailable(f"batch not stored: {exc}", exc)
+        run("RELEASE SAVEPOINT batch", ())
+        return outcomes
+
+    def _apply(self, run: Run, batch: Batch) -> list[Outcome]:
+        outcomes = [self._apply_event(run, event) for event in batch.events]
+        refused = refused_records(batch, outcomes)
+        for r in (*refused, *batch.rejections):
+            run(
+                self._sql["insert_rejection"],
+                (r.source_id, r.reason, r.message, r.received_at, r.endpoint, r.payload, r.index,
+                 r.message_id),
+            )  # fmt: skip
+        return outcomes
+
+    def _apply_event(self, run: Run, event: EventRecord) -> Outcome:
+        sql = self._sql
+        warnings = dumps(list(event.warnings)) if event.warnings else None
+        if not event.claims and event.identity is None:
+            # No side effects: the unique index alone decides, in one statement.
+            row = run(sql["insert_event"], _event_row(event, None, None, warnings)).fetchone()
+            return STORED if row is not None else DUPLICATE
+        # A duplicate takes no claim and touches no profile, so find it first.
+        if self._is_stored(run, event):
+            return DUPLICATE
+        # Claims are taken before the profile is resolved; when the event is refused
+        # after taking some, a savepoint gives them back (only needed in those cases).
+        claims = list({(c.kind, c.key): c for c in event.claims}.values())
+        undo = len(claims) > 1 or bool(
+            claims and event.identity is not None and not event.identity.create
+        )
+        if undo:
+            run("SAVEPOINT event", ())
+        for claim in claims:
+            taken = run(
+                sql["take_claim"],
+                (event.source_id, claim.kind, claim.key, claim.until, claim.at),
+            ).fetchone()
+            if taken is None:
+                self._undo(run, undo)
+                # Held by a transaction that committed while we waited: if it stored
+                # this very message, the event is a duplicate, as it is everywhere.
+                return DUPLICATE if self._is_stored(run, event) else Outcome(False, claim.kind)
+        profile_id = session_id = None
+        if event.identity is not None:
+            graph = PGGraph(run, sql, lock=True)
+            profile_id = resolve_profile(graph, event.identity)
+            if profile_id is None:
+                self._undo(run, undo)
+                return UNKNOWN_USER
+            if event.session is not None:
+                session_id = resolve_session(graph, event.session, profile_id)
+        inserted = run(sql["insert_event"], _event_row(event, profile_id, session_id, warnings))
+        if inserted.fetchone() is None:
+            # Another transaction stored this message after our check: undo everything
+            # this batch did and redo it, when the check will see that copy.
+            raise _Race(f"message {event.message_id!r} was stored meanwhile")
+        if undo:
+            run("RELEASE SAVEPOINT event", ())
+        return STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
+
+    def _is_stored(self, run: Run, event: EventRecord) -> bool:
+        found = run(self._sql["is_stored"], (event.source_id, event.message_id)).fetchone()
+        return found is not None
+
+    @staticmethod
+    def _undo(run: Run, undo: bool) -> None:
+        if undo:
+            run("ROLLBACK TO SAVEPOINT event", ())
+            run("RELEASE SAVEPOINT event", ())
+
+    # -- reading -------------------------------------------------------------------------
+
+    def events(self, query: Query = Query()) -> Iterator[StoredEvent]:
+        rows = self._select("events", EVENT_COLUMNS, "type", query)
+        return (_stored_event(row) for row in rows)
+
+    def rejections(self, query: Query = Query()) -> Iterator[StoredRejection]:
+        rows = self._select("rejections", REJECTION_COLUMNS, "reason", query)
+        return (StoredRejection(*row) for row in rows)
+
+    def profile(self, profile_id: str) -> StoredProfile | None:
+        def read(conn: Connection, run: Run) -> StoredProfile | None:
+            with conn.transaction():  # one consistent view of a profile being merged
+                canonical = PGGraph(run, self._sql, lock=False).canonical(profile_id)
+                if canonical is None:
+                    return None
+                row = run(self._sql["profile"], (canonical,)).fetchone()
+                assert row is not None
+                scope, created_at, traits = row
+                identities = run(self._sql["identities"], (canonical, scope)).fetchall()
+            return StoredProfile(
+                canonical, scope, created_at, ujson.loads(traits),
+                tuple(Identity(kind, value) for kind, value in identities),
+            )  # fmt: skip
+
+        return self._read(read)
+
+    def _select(self, table: str, columns: str, type_column: str, query: Query) -> Iterator[Row]:
+        if query.limit is not None and query.limit < 0:
+            raise ValueError(f"limit must be None or >= 0, not {query.limit}")
+        # A reader's cursor is the id of the last row it read. Ids are drawn when a row
+        # is inserted, so across processes a smaller id can still be uncommitted when a
+        # larger one is read; a cursor past it would skip it. Rows are therefore read in
+        # (xact_id, id) order, and only those whose transaction is older than every
+        # transaction still running (the statement's snapshot xmin): any row committed
+        # later sorts after everything returned now. The cursor's own row gives its place
+        # in that order (an id that is no row: the nearest row below it).
+        where = [
+            f"(xact_id, id) > (COALESCE((SELECT c.xact_id FROM {{s}}.{table} c WHERE c.id <= %s"
+            " ORDER BY c.id DESC LIMIT 1), '0'), %s)",
+            "xact_id < pg_snapshot_xmin(pg_current_snapshot())",
+        ]
+        params: list[object] = []
+        for column, value in (
+            ("source_id", query.source_id),
+            (type_column, query.type),
+            ("name", query.name if table == "events" else None),
+        ):
+            if value is not None:
+                where.append(f"{column} = %s")
+                params.append(value)
+        if table == "events" and query.profile_id is not None:
+            # The survivor (whichever member's id was given) and every profile merged
+            # into it, transitively.
+            survivor = self.profile(query.profile_id)
+            if survivor is None:
+                return iter(())
+            where.append(
+                'profile_id IN (WITH RECURSIVE family(id) AS (SELECT %s::text COLLATE "C" UNION'
+                " SELECT p.id FROM {s}.profiles p JOIN family f ON p.merged_into = f.id)"
+                " SELECT id FROM family)"
+            )
+            params.append(survivor.id)
+        if query.since is not None:
+            where.append("received_at >= %s")
+            params.append(query.since)
+        if query.until is not None:
+            where.append("received_at < %s")
+            params.append(query.until)
+        if table == "events" and query.flagged:
+            where.append("warnings IS NOT NULL")
+        sql = qualified(
+            f"SELECT {columns} FROM {{s}}.{table} WHERE {' AND '.join(where)}"
+            " ORDER BY xact_id, id LIMIT %s",
+            self.options.schema,
+        )
+
+        def page(after_id: int, size: int) -> list[Row]:
+            return self._read(
+                lambda conn, run: run(sql, (after_id, after_id, *params, size)).fetchall()
+            )
+
+        # Pages of bounded size, each its own short statement, so a large read never
+        # runs into the statement timeout; the first is read now so that an unavailable
+        # store is reported by this call, as by the other backends.
+        size = READ_PAGE if query.limit is None else min(READ_PAGE, query.limit)
+        first = page(query.after_id, size) if size else []
+
+        def pages() -> Iterator[Row]:
+            rows, remaining = first, query.limit
+            while rows:
+                yield from rows
+                if remaining is not None:
+                    remaining -= len(rows)
+                if len(rows) < size or remaining == 0:
+                    return
+                rows = page(rows[-1][0], size if remaining is None else min(size, remaining))
+
+        return pages()
+
+    def _read(self, read: Callable[[Connection, Run], _T]) -> _T:
+        try:
+            with (
+                self._read_connection() as conn,
+                self._watchdog.watch(conn, self._stall_timeout) as watch,
+            ):
+                cur = conn.cursor()
+
+                def run(sql: str, params: Sequence[object] = ()) -> Cursor:
+                    watch.extend()
+                    return cur.execute(sql, params)
+
+                return read(conn, run)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"PostgreSQL read failed: {exc}") from exc
+
+    @contextmanager
+    def _read_connection(self) -> Iterator[Connection]:
+        if not self._pool.closed:
+            with self._pool.connection() as conn:
+                yield conn
+            return
+        # After close, what is stored stays readable (as with every backend), on a
+        # connection of its own.
+        conn = self._connect()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Commit everything already submitted, stop the writer, close every connection."""
+        if not self._writes.close():
+            return  # closed already
+        if threading.current_thread() is not self._writer:
+            self._writer.join()
+        self._pool.close()
+        self._watchdog.stop()
+
+
+def _event_row(
+    event: EventRecord, profile_id: str | None, session_id: str | None, warnings: str | None
+) -> tuple[object, ...]:
+    return (
+        event.source_id, event.message_id, event.type, event.name, event.user_id,
+        event.anonymous_id, event.timestamp, event.received_at, event.payload, profile_id,
+        session_id, warnings,
+    )  # fmt: skip
+
+
+def _stored_event(row: Row) -> StoredEvent:
+    *columns, warnings = row
+    event = StoredEvent(*columns)
+    return replace(event, warnings=tuple(ujson.loads(warnings))) if warnings else event
+
+
+def _unavailable(message: str, cause: BaseException) -> StoreUnavailable:
+    # One instance per commit: a shared exception would have its traceback rewritten by
+    # every thread that raises it.
+    error = StoreUnavailable(message)
+    error.__cause__ = cause
+    return error

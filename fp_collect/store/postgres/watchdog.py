@@ -1,0 +1,90 @@
+"""Client-side timeouts for psycopg connections whose server went silent."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+from fp_collect.store.postgres.sql import Connection
+
+
+class Watch:
+    """One connection being watched: shut down if it stays silent past ``deadline``."""
+
+    __slots__ = ("_sock", "deadline", "fired", "timeout")
+
+    def __init__(self, conn: Connection, timeout: float) -> None:
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.fired = False
+        # A duplicate descriptor: it names this socket even if the connection closes
+        # its own and the number is reused, so we can never shut down a stranger.
+        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+
+    def extend(self) -> None:
+        """A statement is about to be sent: the server has ``timeout`` to answer it."""
+        self.deadline = time.monotonic() + self.timeout
+
+    def fire(self) -> None:
+        # shutdown() wakes the thread blocked on the socket with an error; psycopg then
+        # marks the connection broken and we discard it. Nothing is freed under it.
+        self.fired = True
+        with suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class Watchdog:
+    """A thread that ends connections whose server stopped answering.
+
+    psycopg has no client-side timeout for a query, and a stalled network (or a proxy
+    that accepts bytes and never forwards them) is not detected by TCP itself: without
+    this, a commit could wait forever.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watches: set[Watch] = set()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="fp-collect-pg-watch", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def watch(self, conn: Connection, timeout: float) -> Iterator[Watch]:
+        watch = Watch(conn, timeout)
+        with self._cond:
+            self._watches.add(watch)
+            self._cond.notify()
+        try:
+            yield watch
+        finally:
+            with self._cond:
+                self._watches.discard(watch)
+                watch.close()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                nearest: float | None = None
+                for watch in list(self._watches):
+                    if watch.deadline <= now:
+                        watch.fire()
+                        self._watches.discard(watch)
+                    elif nearest is None or watch.deadline < nearest:
+                        nearest = watch.deadline
+                # Deadlines only move later without notice, so waking at the old one
+                # and looking again is enough.
+                self._cond.wait(None if nearest is None else nearest - now)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
