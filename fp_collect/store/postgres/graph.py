@@ -9,9 +9,7 @@ from typing import Any
 import ujson
 
 from fp_collect.decoding import dumps
-from fp_collect.store.base import (
-    Identity,
-)
+from fp_collect.store.base import Identity
 from fp_collect.store.postgres.sql import Run
 
 
