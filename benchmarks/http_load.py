@@ -24,6 +24,8 @@ numbers drift on a shared machine; each ratio is between two runs of the same in
     python benchmarks/http_load.py --duration 60 --only 'starlette-fp-collect-*'
     python benchmarks/http_load.py --quick               # the CI smoke: 3 cases, 1 s each
     python benchmarks/http_load.py --profile prof/       # also py-spy the fp-collect servers
+    python benchmarks/http_load.py --store postgres      # fp-collect on the local PostgreSQL
+    python benchmarks/http_load.py --store redis         # ... or Redis
 
 Installs ``wrk`` with ``apt-get`` when it is missing (needs root); exits with status 3
 if it cannot. Exits with status 1 if a run lost events (stored < answered 2xx).
@@ -407,14 +409,16 @@ def serve(
     cpu: int,
     workdir: Path,
     synchronous: str,
-    store: str,
+    storage: Storage,
     fast_uvicorn: bool = True,
     flask_threads: int = 0,
 ) -> Iterator[Server]:
     port = free_port()
-    db, log = workdir / f"{case.name}.db", workdir / f"{case.name}.log"
+    db, log = storage.db, workdir / f"{case.name}.log"
     env = {**os.environ, "FP_BENCH_DB": str(db), "FP_BENCH_SYNCHRONOUS": synchronous}
-    env["FP_BENCH_STORE"] = store
+    env["FP_BENCH_STORE"] = storage.kind
+    if storage.url is not None:
+        env["FP_BENCH_STORAGE_URL"] = storage.url
     env.pop("PYTHONPATH", None)
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -483,6 +487,73 @@ def stored_events(db: Path) -> int:
         return int(count)
     finally:
         conn.close()
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where one run's fp-collect keeps its events: the run's fresh SQLite file (also the
+    hand-written handler's), or a PostgreSQL schema or Redis key prefix of the run's own on
+    the local server, removed after the run."""
+
+    kind: str  # sqlite, memory, postgres or redis
+    db: Path
+    server: str = ""  # the PostgreSQL or Redis server's URL
+    name: str = ""  # the schema or key prefix
+
+    @classmethod
+    def fresh(cls, kind: str, db: Path, server: str) -> Storage:
+        tag = uuid.uuid4().hex[:12]
+        name = {"postgres": f"fp_bench_{tag}", "redis": f"fp-bench-{tag}:"}.get(kind, "")
+        return cls(kind, db, server, name)
+
+    @property
+    def url(self) -> str | None:
+        """fp-collect's storage URL, when it is not the SQLite file."""
+        if self.kind == "postgres":
+            return with_option(self.server, "schema", self.name)
+        if self.kind == "redis":
+            return with_option(self.server, "prefix", self.name)
+        return None
+
+    def count(self, case: Case) -> int:
+        """Events stored by the run so far (read after the server has stopped)."""
+        if case.app != "fp-collect" or self.url is None:
+            return stored_events(self.db)
+        if self.kind == "postgres":
+            import psycopg
+
+            with psycopg.connect(self.server, autocommit=True) as conn:
+                found = conn.execute("SELECT to_regclass(%s)", (f"{self.name}.events",))
+                if found.fetchone() == (None,):
+                    return 0
+                row = conn.execute(f'SELECT count(*) FROM "{self.name}".events').fetchone()
+                return int(row[0]) if row else 0
+        import redis
+
+        with redis.Redis.from_url(self.server) as client:
+            return int(client.xlen(f"{self.name}events:bench"))
+
+    def remove(self) -> None:
+        if self.kind == "postgres":
+            import psycopg
+
+            with psycopg.connect(self.server, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE')
+        elif self.kind == "redis":
+            import redis
+
+            with redis.Redis.from_url(self.server) as client:
+                keys = list(client.scan_iter(match=f"{self.name}*", count=1000))
+                for start in range(0, len(keys), 1000):
+                    client.delete(*keys[start : start + 1000])
+
+
+def with_option(url: str, name: str, value: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{name}={value}"
+
+
+def storage_server(kind: str, postgres_url: str, redis_url: str) -> str:
+    return {"postgres": postgres_url, "redis": redis_url}.get(kind, "")
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
@@ -635,27 +706,32 @@ def run_case(
     fast_uvicorn: bool = True,
     flask_threads: int = 0,
     profile: Path | None = None,
+    storage_server: str = "",
 ) -> Result:
     template = make_template(case.endpoint)
     path = f"{PREFIX}/v1/{case.endpoint}"
     with tempfile.TemporaryDirectory(prefix="fp-bench-") as tmp:
         workdir = Path(tmp)
+        storage = Storage.fresh(store, workdir / f"{case.name}.db", storage_server)
         # fp-collect on memory:// (a diagnosis) keeps nothing that could be counted.
         stores = case.stores and not (store == "memory" and case.app == "fp-collect")
-        with serve(
-            case, server_cpu, workdir, synchronous, store, fast_uvicorn, flask_threads
-        ) as server:
-            if warmup:
-                load(server.url, path, template, warmup)
-                time.sleep(0.5)  # let the warm-up's last commits land before counting
-            before = stored_events(server.db) if stores else 0
-            with (
-                sampling(server, server_cpu, client_cpu),
-                profiling(server, case, profile, seconds, client_cpu),
-            ):
-                measured = load(server.url, path, template, seconds)
-        # The server has stopped: everything it committed is in the file.
-        stored = stored_events(server.db) - before if stores else None
+        try:
+            with serve(
+                case, server_cpu, workdir, synchronous, storage, fast_uvicorn, flask_threads
+            ) as server:
+                if warmup:
+                    load(server.url, path, template, warmup)
+                    time.sleep(0.5)  # let the warm-up's last commits land before counting
+                before = storage.count(case) if stores else 0
+                with (
+                    sampling(server, server_cpu, client_cpu),
+                    profiling(server, case, profile, seconds, client_cpu),
+                ):
+                    measured = load(server.url, path, template, seconds)
+            # The server has stopped: everything it committed is in the store.
+            stored = storage.count(case) - before if stores else None
+        finally:
+            storage.remove()
         return Result(
             case,
             measured,
@@ -754,6 +830,27 @@ def describe(
     )
 
 
+def server_line(store: str, server: str) -> str:
+    """The database server fp-collect stores on, when it is not SQLite in the process."""
+    if store == "postgres":
+        import psycopg
+
+        with psycopg.connect(server, autocommit=True) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+        version = f"PostgreSQL {row[0] if row else '?'}"
+    elif store == "redis":
+        import redis
+
+        with redis.Redis.from_url(server) as client:
+            version = f"Redis {client.info('server')['redis_version']}"
+    else:
+        return ""
+    return (
+        f"\nfp-collect on {version} ({server}): its server runs unpinned, sharing both"
+        " cores with the app and wrk; the hand-written handler stays on SQLite"
+    )
+
+
 def select(only: str | None, quick: bool) -> list[Case]:
     cases = all_cases()
     if only is None:
@@ -784,10 +881,14 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
     )
     parser.add_argument(
         "--store",
-        choices=("sqlite", "memory"),
+        choices=("sqlite", "postgres", "redis", "memory"),
         default="sqlite",
-        help="fp-collect's store; memory:// is not durable (diagnosis only)",
+        help="fp-collect's store (the hand-written handler stays on SQLite); postgres and"
+        " redis use a schema or key prefix of each run's own on the servers below, removed"
+        " afterwards; memory:// is not durable (diagnosis only)",
     )
+    parser.add_argument("--postgres-url", default="postgresql://127.0.0.1:5432/test")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument(
         "--plain-uvicorn",
         action="store_true",
@@ -826,7 +927,8 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
     os.sched_setaffinity(0, {args.client_cpu})
     fast = not args.plain_uvicorn
     print(
-        describe(seconds, args.synchronous, args.store, generator, fast, args.flask_threads),
+        describe(seconds, args.synchronous, args.store, generator, fast, args.flask_threads)
+        + server_line(args.store, storage_server(args.store, args.postgres_url, args.redis_url)),
         flush=True,
     )
     rounds: list[list[Result]] = []
@@ -848,6 +950,7 @@ def main(argv: list[str] | None = None, load: LoadGenerator | None = None) -> in
                     fast_uvicorn=fast,
                     flask_threads=args.flask_threads,
                     profile=args.profile,
+                    storage_server=storage_server(args.store, args.postgres_url, args.redis_url),
                 )
             )
         rounds.append(results)

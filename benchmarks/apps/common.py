@@ -3,7 +3,9 @@
 ``FP_BENCH_DB`` names the SQLite file and ``FP_BENCH_SYNCHRONOUS`` (``FULL``, the
 default, or ``NORMAL``) its ``synchronous`` setting, for fp-collect and the hand-written
 handler alike. ``FP_BENCH_STORE=memory`` gives fp-collect its in-memory store instead: not
-durable, only to measure what everything but SQLite costs.
+durable, only to measure what everything but SQLite costs. With ``FP_BENCH_STORAGE_URL``
+(a ``postgresql://`` or ``redis://`` URL with a schema or prefix of the run's own),
+fp-collect stores there; the hand-written handler stays on SQLite.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ def synchronous() -> Literal["FULL", "NORMAL"]:
 
 def collector() -> Collector:
     """The collector every fp-collect app mounts, on ``sqlite:///$FP_BENCH_DB``, with
-    ``?synchronous=NORMAL`` when that is measured."""
+    ``?synchronous=NORMAL`` when that is measured (or as the module docstring says)."""
     sources = [Source(write_key=WRITE_KEY, id="bench")]
     if os.environ.get("FP_BENCH_STORE") == "memory":
         return Collector(prefix="/collect", sources=sources, storage="memory://")
+    if os.environ.get("FP_BENCH_STORAGE_URL"):
+        return Collector(
+            prefix="/collect", sources=sources, storage=os.environ["FP_BENCH_STORAGE_URL"]
+        )
     storage = f"sqlite:///{os.environ['FP_BENCH_DB']}"
     if synchronous() == "NORMAL":
         storage += "?synchronous=NORMAL"

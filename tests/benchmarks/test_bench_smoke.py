@@ -88,6 +88,47 @@ def test_http_benchmark_runs() -> None:
     assert time.monotonic() - started < 120
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("store", ["postgres", "redis"])
+def test_http_benchmark_runs_on_the_server_stores(
+    store: str, postgres_dsn: str, redis_url: str
+) -> None:
+    """``--store postgres|redis``: fp-collect on the shared servers, counted there, and
+    the run's schema or key prefix removed afterwards."""
+    http_load = load_http_load()
+    try:
+        http_load.ensure_wrk()
+    except http_load.WrkUnavailable:
+        pytest.skip("wrk is unavailable (the SQLite smoke covers the fallback)")
+
+    def leftovers() -> set[str]:
+        """Schemas or keys a benchmark run made on the shared server."""
+        if store == "postgres":
+            import psycopg
+
+            with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'fp\\_bench\\_%'"
+                ).fetchall()
+                return {name for (name,) in rows}
+        import redis
+
+        with redis.Redis.from_url(redis_url) as client:
+            return {key.decode() for key in client.scan_iter(match="fp-bench-*", count=1000)}
+
+    before = leftovers()
+    cases = ("starlette-bare-track", "starlette-fp-collect-track")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "http_load.py"), "--quick", "--store", store,
+         "--postgres-url", postgres_dsn, "--redis-url", redis_url, "--only", ",".join(cases)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"fp-collect on {'PostgreSQL' if store == 'postgres' else 'Redis'} " in result.stdout
+    check_table(result.stdout, cases)
+    assert leftovers() - before == set()
+
+
 def run_with_python_load(http_load: ModuleType) -> None:
     """FALLBACK, labelled as such in the table's heading: wrk could not be installed."""
 
