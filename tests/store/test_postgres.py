@@ -271,6 +271,27 @@ def test_a_failing_batch_fails_alone(postgres_dsn: str, pg_url: str, pg_schema: 
         assert list(store.rejections()) == []
 
 
+def test_a_lone_failing_batch_stores_nothing_and_the_next_commit_works(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    """A group of one batch runs without a savepoint: its failure rolls back everything
+    it did (its good event and new profile too), and the connection goes on."""
+    too_big = RejectionRecord("src", "r", "m", "t", "/", "{}", index=2**70)
+    with PostgresStore(pg_url) as store:
+        for bad in (
+            # Refused by psycopg before it is sent, and by the server (bigint overflow).
+            Batch(events=[event("ok-1", identity=visitor("v1")), event("x", payload=object())]),
+            Batch(events=[event("ok-2", identity=visitor("v2"))], rejections=[too_big]),
+        ):
+            with pytest.raises(StoreUnavailable, match="batch not stored"):
+                store.commit(bad, TIMEOUT)
+        [outcome] = store.commit(Batch(events=[event("ok-1", identity=visitor("v1"))]), TIMEOUT)
+        assert outcome.stored
+        assert [row.message_id for row in store.events()] == ["ok-1"]
+        assert list(store.rejections()) == []
+    assert scalar(postgres_dsn, f'SELECT count(*) FROM "{pg_schema}".profiles') == 1
+
+
 def test_a_future_cancelled_before_the_writer_takes_it_is_not_written(
     postgres_dsn: str, pg_url: str, pg_schema: str
 ) -> None:

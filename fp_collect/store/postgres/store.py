@@ -310,13 +310,15 @@ class PostgresStore(Store):
                 return cur.execute(sql, params)
 
             try:
+                apply = self._apply_alone if len(jobs) == 1 else self._apply_in_savepoint
                 for n, job in enumerate(jobs):
                     try:
-                        done.append((job.commit, self._apply_in_savepoint(conn, run, job.batch)))
+                        done.append((job.commit, apply(conn, run, job.batch)))
                     except _Race as race:
                         left, lost = jobs[n:], race.__cause__ or race
                         break
-                run("COMMIT", ())
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    run("COMMIT", ())  # (a lone batch that failed has rolled back already)
             except Exception as exc:
                 if watch.fired:
                     raise _Unreachable(
@@ -361,21 +363,42 @@ class PostgresStore(Store):
         run("SAVEPOINT batch", ())
         try:
             outcomes = self._apply(run, batch)
-        except Exception as exc:  # reported on this batch's commit only
-            if conn.broken or conn.info.transaction_status not in (
-                TransactionStatus.INTRANS,
-                TransactionStatus.INERROR,
-            ):
-                raise  # the connection is gone, and the other batches with it
-            run("ROLLBACK TO SAVEPOINT batch", ())
-            run("RELEASE SAVEPOINT batch", ())
-            if isinstance(exc, _Race):
-                raise
-            if isinstance(exc, RACES):
-                raise _Race() from exc
-            return _unavailable(f"batch not stored: {exc}", exc)
+        except Exception as exc:  # noqa: BLE001 - reported on this batch's commit, or re-raised
+            return self._undo_batch(
+                conn, run, exc, ("ROLLBACK TO SAVEPOINT batch", "RELEASE SAVEPOINT batch")
+            )
         run("RELEASE SAVEPOINT batch", ())
         return outcomes
+
+    def _apply_alone(
+        self, conn: Connection, run: Run, batch: Batch
+    ) -> list[Outcome] | BaseException:
+        """:meth:`_apply_in_savepoint` for a group of one batch: the transaction is the
+        batch's own, so a failure rolls all of it back and no SAVEPOINT is needed. Two
+        round trips fewer per commit; every commit of a sync WSGI worker is such a group."""
+        try:
+            return self._apply(run, batch)
+        except Exception as exc:  # noqa: BLE001 - reported on this batch's commit, or re-raised
+            return self._undo_batch(conn, run, exc, ("ROLLBACK",))
+
+    def _undo_batch(
+        self, conn: Connection, run: Run, exc: Exception, undo: tuple[str, ...]
+    ) -> BaseException:
+        """Undo a batch that failed, whose error is then reported on its commit only.
+        Raises :class:`_Race` when it lost a race (to be redone), and ``exc`` when the
+        connection is gone, and the other batches with it."""
+        if conn.broken or conn.info.transaction_status not in (
+            TransactionStatus.INTRANS,
+            TransactionStatus.INERROR,
+        ):
+            raise exc
+        for statement in undo:
+            run(statement, ())
+        if isinstance(exc, _Race):
+            raise exc
+        if isinstance(exc, RACES):
+            raise _Race() from exc
+        return _unavailable(f"batch not stored: {exc}", exc)
 
     def _apply(self, run: Run, batch: Batch) -> list[Outcome]:
         outcomes = [self._apply_event(run, event) for event in batch.events]
