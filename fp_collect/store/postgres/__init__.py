@@ -42,7 +42,8 @@ Design:
   without the lock and without DDL (a role without CREATE rights can then use it).
 * **One writer thread, group commit.** ``submit`` only enqueues; the writer drains the
   queue and commits many batches in one transaction, each inside its own SAVEPOINT, so
-  a bad batch fails alone. Commits are settled only after COMMIT returns. A blocking
+  a bad batch fails alone (a group of one batch needs none: its failure rolls back the
+  whole transaction). Commits are settled only after COMMIT returns. A blocking
   :meth:`PostgresStore.commit` (a WSGI request thread) writes its batch in its own thread
   when nobody else is writing, and otherwise joins the writer thread's next group.
 * **Exact across processes and machines** (everything below happens in the writing
