@@ -48,7 +48,14 @@ class CollectorMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp | None, *, collector: Collector | None = None, **options: Any
+        # Positional-only, as Starlette's add_middleware passes it, so that its typing
+        # accepts this class (``app=`` could otherwise also arrive in ``options``).
+        self,
+        app: ASGIApp | None,
+        /,
+        *,
+        collector: Collector | None = None,
+        **options: Any,
     ) -> None:
         self.app = app
         self.collector = collector if collector is not None else Collector(**options)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fp_collect.errors import StoreUnavailable
 
@@ -375,6 +375,11 @@ class Commit:
         return f"<Commit {self._state}>"
 
 
+_SomeStore = TypeVar(
+    "_SomeStore", bound="Store"
+)  # ``with SQLiteStore(...) as store`` keeps its type
+
+
 class Store(abc.ABC):
     """A storage backend. Thread-safe; one instance serves the whole process."""
 
@@ -406,7 +411,7 @@ class Store(abc.ABC):
         """Finish pending commits and release resources. Idempotent."""
         return None
 
-    def __enter__(self) -> Store:
+    def __enter__(self: _SomeStore) -> _SomeStore:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
