@@ -19,6 +19,7 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from fp_collect import Collector, Source
@@ -196,7 +197,7 @@ def test_asgi_host_routes_untouched() -> None:
 def test_asgi_pass_through_does_not_read_the_body(path: str) -> None:
     calls: list[str] = []
 
-    async def host(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def host(scope: Scope, receive: Receive, send: Send) -> None:
         calls.append(scope["path"])
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
@@ -212,7 +213,7 @@ def test_asgi_pass_through_does_not_read_the_body(path: str) -> None:
 def test_asgi_pass_through_host_reads_every_chunk() -> None:
     received: list[bytes] = []
 
-    async def host(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def host(scope: Scope, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             received.append(message.get("body", b""))
@@ -261,7 +262,10 @@ def test_asgi_middleware_built_from_options() -> None:
     """The documented one-liner: add_middleware with keyword options."""
     app = Starlette(routes=[Route("/", _home)])
     app.add_middleware(
-        CollectorMiddleware, sources=[SOURCE], storage="memory://", prefix="/collect"
+        CollectorMiddleware,
+        sources=[SOURCE],
+        storage="memory://",
+        prefix="/collect",
     )
     client = TestClient(app, client=PEER)
 

@@ -214,6 +214,7 @@ def test_wsgi_flask_413_over_the_limit_is_recorded() -> None:
     )
 
     assert response.status_code == 413
+    assert response.json is not None
     assert response.json["code"] == "payload_too_large"
     assert list(collector.store.events()) == []
     assert [r.reason for r in collector.store.rejections()] == ["payload_too_large"]
@@ -338,6 +339,7 @@ def test_wsgi_plain_method_not_allowed() -> None:
     response = Client(app).get("/collect/v1/track")
     assert response.status_code == 405
     assert response.headers["allow"] == "OPTIONS, POST"
+    assert response.json is not None
     assert response.json["code"] == "method_not_allowed"
 
 
@@ -386,6 +388,7 @@ def test_wsgi_cors_origin_not_allowed_is_403_json() -> None:
 
     assert response.status_code == 403
     assert response.headers["content-type"] == "application/json"
+    assert response.json is not None
     assert response.json["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in response.headers
     assert list(collector.store.events()) == []

@@ -271,7 +271,7 @@ def test_a_postgresql_schema_without_our_tables_is_reported_and_not_created(
             assert found.fetchone() is None
     finally:  # the shared server: leave nothing behind, even when this fails
         with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')  # type: ignore[arg-type]
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def test_a_relative_url_that_meant_an_absolute_path_gets_a_hint(

@@ -13,7 +13,10 @@ from fp_collect import Collector, Source
 from fp_collect.adapters.asgi import CollectorMiddleware
 from fp_collect.adapters.wsgi import init_app
 
-EVENTS = [{"event": "Page Viewed"}, {"event": "Button Clicked", "properties": {"id": "buy"}}]
+EVENTS: list[dict[str, object]] = [
+    {"event": "Page Viewed"},
+    {"event": "Button Clicked", "properties": {"id": "buy"}},
+]
 
 
 def collector(tmp_path: Path) -> Collector:

@@ -29,6 +29,7 @@ from fp_collect.auth import KeyRing
 from fp_collect.dialects.segment import MESSAGE_TYPES, normalise_message
 from fp_collect.errors import ConfigError, ItemRejected
 from fp_collect.responses import PIXEL_GIF
+from fp_collect.store import EventRecord, RejectionRecord
 from fp_collect.timestamps import _parse_with_pattern, format_iso, parse_iso
 
 # 2023-11-14T22:13:20.123Z, a whole number of milliseconds.
@@ -552,7 +553,11 @@ def test_any_request_gets_a_documented_answer(request: dict[str, Any], trusted: 
         assert (path[:-1] if path.endswith("/") else path) not in ALL_PATHS
         return
     prepared = collector.prepare(route, Request(**request))
-    for record in (*prepared.batch.events, *prepared.batch.rejections):
+    records: list[EventRecord | RejectionRecord] = [
+        *prepared.batch.events,
+        *prepared.batch.rejections,
+    ]
+    for record in records:
         for field in fields(record):
             value = getattr(record, field.name)
             # Whatever the core hands a store must be storable text (SQLite, PostgreSQL).
@@ -661,9 +666,10 @@ def test_valid_messages_are_stored_intact(
         body: object = sent
     elif delivery.startswith("batch"):
         path = BATCH_PATHS[path_variant]
-        body = {"batch": [sent]}
+        batch: dict[str, Any] = {"batch": [sent]}
+        body = batch
         if delivery == "batch-top-key":
-            body["writeKey"] = LIVE_KEY
+            batch["writeKey"] = LIVE_KEY
         elif delivery == "batch-item-key":
             sent["writeKey"] = LIVE_KEY
         else:
@@ -1069,9 +1075,9 @@ def test_only_an_enabled_sources_exact_key_authenticates(ring: tuple[list[Source
 # UnicodeEncodeError from Source (auth id digest) and from KeyRing.resolve, not ConfigError.
 @example(key="a\udcff")
 def test_a_source_key_is_refused_eagerly_or_authenticates(key: str) -> None:
-    for options in ({}, {"id": "explicit"}):
+    for source_id in ("", "explicit"):  # "" is Source's default: an id derived from the key
         try:
-            source = Source(write_key=key, **options)
+            source = Source(write_key=key, id=source_id)
         except ConfigError:
             continue
         assert KeyRing([source]).resolve(key) is source

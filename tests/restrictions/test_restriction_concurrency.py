@@ -48,7 +48,7 @@ def requests(worker: int) -> list[tuple[str, dict[str, Any]]]:
 
 
 def deliver(collector: Collector, sent: list[tuple[str, dict[str, Any]]]) -> list[int]:
-    statuses = []
+    statuses: list[int] = []
     for path, body in sent:
         route = collector.route(path)
         assert route is not None

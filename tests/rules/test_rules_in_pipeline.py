@@ -31,7 +31,8 @@ def explode(event: dict[str, Any]) -> None:
 def collector(tmp_path: Path) -> Iterator[Collector]:
     made = Collector(
         sources=[
-            Source(write_key="ruled", id="ruled", rules=[*RULES, explode]),
+            # A plain list, made a RuleSet by Source, though the field says RuleSet.
+            Source(write_key="ruled", id="ruled", rules=[*RULES, explode]),  # type: ignore[arg-type]
             Source(write_key="strict", id="strict", strict_event_names=True),
             Source(write_key="plain", id="plain"),
         ],
@@ -80,8 +81,8 @@ def test_rules_run_in_order_and_a_raising_rule_loses_nothing(collector: Collecto
         assert event["properties"]["plan"] == "pro"
     flagged = list(collector.store.events(Query(source_id="ruled", flagged=True)))
     assert len(flagged) == 2
-    for event in flagged:
-        assert any("explode" in w and "boom" in w for w in event.warnings)
+    for row in flagged:
+        assert any("explode" in w and "boom" in w for w in row.warnings)
 
 
 def test_names_breaking_the_guidelines_are_stored_with_warnings(collector: Collector) -> None:

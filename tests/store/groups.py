@@ -58,6 +58,7 @@ def random_events(draw: st.DrawFn) -> list[EventRecord]:
     (the test makes them unique across batches) where the store would otherwise fail the
     batch (as SQL would) rather than pick one."""
     events = []
+    traits: dict[str, st.SearchStrategy[object]] = {"n": st.integers(0, 3)}  # as IdentityOp's
     for i in range(draw(st.integers(1, 14))):
         at = float(draw(st.integers(0, 6)) * 1000)
         op = IdentityOp(
@@ -69,7 +70,7 @@ def random_events(draw: st.DrawFn) -> list[EventRecord]:
             new_profile_id=f"PR-{i}",
             create=draw(st.booleans()),
             merge=draw(st.booleans()),
-            traits=draw(st.none() | st.fixed_dictionaries({"n": st.integers(0, 3)})),
+            traits=draw(st.none() | st.fixed_dictionaries(traits)),
         )
         session = draw(
             st.none()

@@ -13,7 +13,15 @@ import pytest
 
 from fp_collect.collector import _committed
 from fp_collect.errors import StoreUnavailable
-from fp_collect.store.base import DUPLICATE, STORED, Batch, Commit, EventRecord, WriteQueue
+from fp_collect.store.base import (
+    DUPLICATE,
+    STORED,
+    Batch,
+    Commit,
+    EventRecord,
+    Outcome,
+    WriteQueue,
+)
 
 TIMEOUT = 5.0
 
@@ -163,7 +171,7 @@ def test_take_all_takes_everything_queued_for_failing() -> None:
 
 
 def test_a_group_settled_at_once_wakes_the_loop_once() -> None:
-    async def main() -> tuple[list[list[object]], int]:
+    async def main() -> tuple[list[list[Outcome]], int]:
         loop = asyncio.get_running_loop()
         wakes = 0
         wake = loop.call_soon_threadsafe
@@ -173,12 +181,19 @@ def test_a_group_settled_at_once_wakes_the_loop_once() -> None:
             wakes += 1
             return wake(*args, **kwargs)
 
-        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        # Patched on this loop only. Besides the method assignment, mypy refuses a
+        # (*args: Any, **kwargs: Any) function for its TypeVarTuple signature.
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign, assignment]
         commits = [Commit() for _ in range(25)]
         waiting = [asyncio.ensure_future(_committed(commit, TIMEOUT)) for commit in commits]
         await asyncio.sleep(0)  # every request is waiting on its commit
+
         # A writer thread settles the whole group while the loop is busy elsewhere.
-        writer = threading.Thread(target=lambda: [c.set_result([STORED]) for c in commits])
+        def settle_all() -> None:
+            for c in commits:
+                c.set_result([STORED])
+
+        writer = threading.Thread(target=settle_all)
         writer.start()
         writer.join()
         results = await asyncio.gather(*waiting)
@@ -211,7 +226,7 @@ def test_one_commit_failing_in_a_group_fails_only_its_request() -> None:
 
 
 def test_a_commit_settled_before_the_wait_is_answered_without_a_wake_up() -> None:
-    async def main() -> list[object]:
+    async def main() -> list[Outcome]:
         done, cancelled = Commit(), Commit()
         done.set_result([STORED])
         cancelled.cancel()

@@ -102,7 +102,8 @@ def test_without_merge_an_identity_is_never_stolen(store: Store) -> None:
     commit_one(store, record(op(USER, new_profile_id="PR2")))
     outcome = commit_one(store, record(op(USER, ANON, new_profile_id="PR3")))
     assert outcome.profile_id == "PR2"
-    assert store.profile("PR1") is not None and store.profile("PR1").identities == (ANON,)  # type: ignore[union-attr]
+    profile = store.profile("PR1")
+    assert profile is not None and profile.identities == (ANON,)
 
 
 def test_lookups_find_but_are_not_attached(store: Store) -> None:

@@ -33,7 +33,15 @@ import pytest
 from fp_collect import Collector, Source
 from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outcome, open_store
-from fp_collect.store.base import Identity, IdentityOp, Query, RejectionRecord, SessionOp
+from fp_collect.store.base import (
+    Identity,
+    IdentityOp,
+    Pending,
+    Query,
+    RejectionRecord,
+    SessionOp,
+    Store,
+)
 from fp_collect.store.postgres import SCHEMA_VERSION, PostgresStore, parse_url
 from fp_collect.store.postgres.sql import MIGRATIONS
 
@@ -89,7 +97,7 @@ def scalar(dsn: str, sql: str, params: tuple[object, ...] = ()) -> Any:
         return None if row is None else row[0]
 
 
-def wait_until_blocked(dsn: str, schema: str, unless: Future[Any] | None = None) -> None:
+def wait_until_blocked(dsn: str, schema: str, unless: Pending | None = None) -> None:
     """Until a session is waiting for a lock while running a statement on ``schema``
     (or ``unless`` is done: the writer did not wait, and the test will say what it did)."""
     deadline = time.monotonic() + TIMEOUT
@@ -110,7 +118,7 @@ def uncommitted(dsn: str, schema: str, *statements: str) -> Iterator[psycopg.Con
     holding its locks, until the block ends with COMMIT (or ROLLBACK when it raises)."""
     with psycopg.connect(dsn) as conn:
         for statement in statements:
-            conn.execute(statement.replace("{s}", f'"{schema}"'))  # type: ignore[arg-type]
+            conn.execute(statement.replace("{s}", f'"{schema}"'))
         yield conn
 
 
@@ -135,8 +143,8 @@ def test_schema_is_created_once_versioned_and_kept(postgres_dsn: str, pg_schema:
     assert len(opened) == 6
     assert opened[0].commit(Batch(events=[event("m1")])) == [STORED]
     assert opened[1].commit(Batch(events=[event("m1")])) == [DUPLICATE]
-    for store in opened:
-        store.close()
+    for each in opened:
+        each.close()
     with psycopg.connect(postgres_dsn) as conn:
         versions = conn.execute(f'SELECT version FROM "{pg_schema}".schema_version').fetchall()
         assert versions == [(SCHEMA_VERSION,)]
@@ -514,11 +522,11 @@ def test_version_1_is_migrated_and_its_rows_read_first_in_id_order(
     with psycopg.connect(postgres_dsn) as conn:
         conn.execute(f'CREATE SCHEMA "{pg_schema}"')
         for statement in MIGRATIONS[0]:
-            conn.execute(statement.replace("{s}", f'"{pg_schema}"'))  # type: ignore[arg-type]
+            conn.execute(statement.replace("{s}", f'"{pg_schema}"'))
         conn.execute(f'INSERT INTO "{pg_schema}".schema_version VALUES (1)')
         for message_id in ("old-1", "old-2"):
             insert = late_row("events", message_id).replace("{s}", f'"{pg_schema}"')
-            conn.execute(insert)  # type: ignore[arg-type]
+            conn.execute(insert)
     with PostgresStore(pg_url) as store:
         assert store.commit(Batch(events=[event("new"), event("old-1")])) == [STORED, DUPLICATE]
         rows = list(store.events())
@@ -625,7 +633,7 @@ class Load:
     commit() (the WSGI path: written in the calling thread when nobody else is writing),
     even ones submit() to the writer thread (the event loop's path)."""
 
-    store: PostgresStore
+    store: Store
     threads: int = 3
     per_thread: int = 3000
     attempts: list[Attempt] = field(default_factory=list)

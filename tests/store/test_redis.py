@@ -36,6 +36,7 @@ from fp_collect.store import (
     Outcome,
     Query,
     RejectionRecord,
+    Store,
     open_store,
 )
 from fp_collect.store.base import Identity, IdentityOp, SessionOp
@@ -95,7 +96,7 @@ def visitor(*identities: Identity, **fields: Any) -> IdentityOp:
     return IdentityOp(**{"scope": "ws", "at": 100.0, "identities": identities, **fields})
 
 
-def stored_ids(store: RedisStore, query: Query = Query()) -> list[str]:
+def stored_ids(store: Store, query: Query = Query()) -> list[str]:
     return [row.message_id for row in store.events(query)]
 
 
@@ -179,7 +180,9 @@ def test_the_stream_layout_is_readable_by_a_consumer_group(url: str) -> None:
         client, prefix = store.client, store.prefix
         stream = prefix + "events:web"
         client.xgroup_create(stream, "warehouse", id="0")
-        [(name, entries)] = client.xreadgroup("warehouse", "c1", {stream: ">"}, count=100)
+        read = client.xreadgroup("warehouse", "c1", {stream: ">"}, count=100)
+        assert isinstance(read, list)  # RESP2: [[stream, entries]]
+        [(name, entries)] = read
         assert name == stream
         assert client.xreadgroup("warehouse", "c2", {stream: ">"}, count=100) == []
         rows = list(store.events(Query(source_id="web")))
@@ -208,7 +211,9 @@ def test_the_stream_layout_is_readable_by_a_consumer_group(url: str) -> None:
         assert client.smembers(prefix + "sources") == {"web", "app"}
         # Ids grow across sources: one counter serves every stream.
         assert [row.id for row in store.events()] == sorted(row.id for row in store.events())
-        [rejection] = client.xrange(prefix + "rejections")
+        rejections = client.xrange(prefix + "rejections")
+        assert rejections is not None
+        [rejection] = rejections
         assert rejection[1] == {
             "source_id": "web",
             "reason": "duplicate_message_id",
@@ -418,7 +423,7 @@ def test_a_lost_answer_fails_the_future_and_the_retry_is_a_duplicate(
                     raise redis.ConnectionError("connection lost while reading the answer")
                 return replies
 
-            pipe.execute = answer_lost
+            pipe.execute = answer_lost  # type: ignore[method-assign]  # this pipeline only
             return pipe
 
         monkeypatch.setattr(store.client, "pipeline", pipeline)
@@ -509,6 +514,12 @@ def test_racing_writers_keep_every_index_consistent(url: str) -> None:
         assert_indexes_agree(store.client, store.prefix)
 
 
+def text(reply: bytes | str | None) -> str:
+    """A reply of the store's client, which decodes responses: a string."""
+    assert isinstance(reply, str), reply
+    return reply
+
+
 def assert_indexes_agree(client: redis.Redis, prefix: str) -> None:
     """Identity owners, profiles' identity sets, sessions and profiles' session sets all
     say the same thing, and only live (unmerged) profiles own anything."""
@@ -524,21 +535,23 @@ def assert_indexes_agree(client: redis.Redis, prefix: str) -> None:
 
     for key, scope in keys("identities"):
         for name, owner in client.hgetall(key).items():
-            kind, _, value = name.partition(":")
+            kind, _, value = text(name).partition(":")
             member = json.dumps([scope, kind, value], separators=(",", ":"))
+            owner = text(owner)
             assert live(owner) and client.sismember(f"{prefix}profile-identities:{owner}", member)
     for key, profile_id in keys("profile-identities"):
-        for member in client.smembers(key):
+        for member in map(text, client.smembers(key)):
             scope, kind, value = json.loads(member)
-            owner = client.hget(f"{prefix}identities:{scope}", f"{kind}:{value}")
-            assert owner == profile_id
+            assert client.hget(f"{prefix}identities:{scope}", f"{kind}:{value}") == profile_id
     for key, profile_id in keys("profile-sessions"):
         assert live(profile_id)
-        for session_id, score in client.zrange(key, 0, -1, withscores=True):
+        for entry in client.zrange(key, 0, -1, withscores=True):
+            assert isinstance(entry, tuple)  # withscores: (member, score) pairs
+            session_id, score = text(entry[0]), entry[1]
             found = client.hgetall(f"{prefix}session:{session_id}")
             assert (found["profile_id"], float(found["last_seen"])) == (profile_id, score)
     for key, session_id in keys("session"):
-        owner = client.hget(key, "profile_id")
+        owner = text(client.hget(key, "profile_id"))
         assert client.zscore(f"{prefix}profile-sessions:{owner}", session_id) is not None
 
 
@@ -644,7 +657,7 @@ class Load:
     """A few threads committing small batches in a loop, as request handlers would, and
     what became of each batch."""
 
-    def __init__(self, store: RedisStore, threads: int = 4) -> None:
+    def __init__(self, store: Store, threads: int = 4) -> None:
         self.store = store
         self.lock = threading.Lock()
         self.ok: list[list[str]] = []

@@ -276,7 +276,9 @@ def test_identities_resolve_alike_in_one_group_and_one_by_one(tmp_path: Path) ->
     from fp_collect.store.base import Identity, IdentityOp
     from fp_collect.store.memory import MemoryStore
 
-    def with_identity(message_id: str, *names: str, payload: object = "{}", **op: object):  # type: ignore[no-untyped-def]
+    def with_identity(
+        message_id: str, *names: str, payload: object = "{}", **op: object
+    ) -> EventRecord:
         identities = tuple(Identity("anonymous_id", name) for name in names)
         fields: dict[str, object] = {"scope": "ws", "at": 1.0, "identities": identities}
         fields.update(new_profile_id=f"PR-{message_id}", **op)
@@ -301,14 +303,16 @@ def test_identities_resolve_alike_in_one_group_and_one_by_one(tmp_path: Path) ->
         futures = [store.submit(batch) for batch in batches]
         blocker.execute("ROLLBACK")
         blocker.close()
-        got = []
+        got: list[list[Outcome] | None] = []
         for future in futures:
             try:
                 got.append(future.result(TIMEOUT))
             except StoreUnavailable:
                 got.append(None)
         assert got == expected
-        assert [got[5][0].profile_id, got[5][1].profile_id] == ["PR-m1", "PR-m1"]  # type: ignore[index]
+        sixth = got[5]
+        assert sixth is not None
+        assert [sixth[0].profile_id, sixth[1].profile_id] == ["PR-m1", "PR-m1"]
         for profile_id in ("PR-m1", "PR-m2", "PR-m4"):
             assert store.profile(profile_id) == reference.profile(profile_id)
 

@@ -23,6 +23,7 @@ import pytest
 from flask import Flask
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
+from werkzeug.datastructures import Headers
 from werkzeug.test import Client, EnvironBuilder, run_wsgi_app
 
 from fp_collect import Collector, Request, Source, Store
@@ -187,7 +188,7 @@ def _flask_sender(collector: Collector) -> Callable[..., Answer]:
                 path=path,
                 method=method,
                 input_stream=io.BytesIO(data),
-                headers={**headers, "transfer-encoding": "chunked"},
+                headers=Headers({**headers, "transfer-encoding": "chunked"}),
             ).get_environ()
             del environ["CONTENT_LENGTH"]
             environ["wsgi.input_terminated"] = True
