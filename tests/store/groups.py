@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord, Outcome
-from fp_collect.store.base import Identity, IdentityOp, SessionOp, StoredProfile
+from fp_collect.store.base import Identity, IdentityOp, SessionOp, Store
 
 
 def event(
@@ -109,16 +109,25 @@ def offered_ids_of_batch(number: int, events: list[EventRecord]) -> list[EventRe
     return events
 
 
-def same_profile(mine: StoredProfile | None, theirs: StoredProfile | None) -> bool:
-    assert mine is not None and theirs is not None
-    assert (mine.id, mine.scope, mine.created_at, mine.traits) == (
-        theirs.id,
-        theirs.scope,
-        theirs.created_at,
-        theirs.traits,
-    )
-    assert set(mine.identities) == set(theirs.identities)
-    return True
+def assert_stored_as_memory(store: Store, memory: Store, outcomes: list[list[Outcome]]) -> None:
+    """``store`` holds what ``memory`` holds: the same events (with their profiles and
+    sessions), the same rejections, and the same profiles for every id in ``outcomes``."""
+
+    def rows(source: Store) -> list[tuple[str, str | None, str | None]]:
+        return [(r.message_id, r.profile_id, r.session_id) for r in source.events()]
+
+    assert rows(store) == rows(memory)
+    assert [r.reason for r in store.rejections()] == [r.reason for r in memory.rejections()]
+    for profile_id in {o.profile_id for batch in outcomes for o in batch if o.profile_id}:
+        mine, theirs = store.profile(profile_id), memory.profile(profile_id)
+        assert mine is not None and theirs is not None
+        assert (mine.id, mine.scope, mine.created_at, mine.traits) == (
+            theirs.id,
+            theirs.scope,
+            theirs.created_at,
+            theirs.traits,
+        )
+        assert set(mine.identities) == set(theirs.identities)
 
 
 @contextmanager

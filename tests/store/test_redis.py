@@ -47,10 +47,10 @@ from .conftest import redis_prefix
 from .groups import (
     POOL,
     THREAD_IDS,
+    assert_stored_as_memory,
     held_writer,
     offered_ids_of_batch,
     random_events,
-    same_profile,
     stored_by_threads,
     writers_of_lone_commits,
 )
@@ -461,16 +461,7 @@ def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
             futures = [store.submit(Batch(events=list(events))) for events in batches]
         assert [future.result(TIMEOUT) for future in futures] == expected
         assert store.conflicts == 0
-
-        def rows(source: Any) -> list[tuple[str, str | None, str | None]]:
-            return [(r.message_id, r.profile_id, r.session_id) for r in source.events()]
-
-        assert rows(store) == rows(memory)
-        assert [r.reason for r in store.rejections()] == [r.reason for r in memory.rejections()]
-        for profile_id in {o.profile_id for outcomes in expected for o in outcomes}:
-            assert profile_id is None or same_profile(
-                store.profile(profile_id), memory.profile(profile_id)
-            )
+        assert_stored_as_memory(store, memory, expected)
 
 
 def test_racing_writers_keep_every_index_consistent(url: str) -> None:

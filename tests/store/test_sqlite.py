@@ -27,10 +27,10 @@ from fp_collect.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 from .groups import (
     THREAD_IDS,
+    assert_stored_as_memory,
     held_writer,
     offered_ids_of_batch,
     random_events,
-    same_profile,
     stored_by_threads,
     writers_of_lone_commits,
 )
@@ -414,13 +414,4 @@ def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
             commits = [store.submit(Batch(events=list(events))) for events in batches]
         assert [commit.result(TIMEOUT) for commit in commits] == expected
         assert redo.call_count == 0
-
-        def rows(source: Any) -> list[tuple[str, str | None, str | None]]:
-            return [(r.message_id, r.profile_id, r.session_id) for r in source.events()]
-
-        assert rows(store) == rows(memory)
-        assert [r.reason for r in store.rejections()] == [r.reason for r in memory.rejections()]
-        for profile_id in {o.profile_id for outcomes in expected for o in outcomes}:
-            assert profile_id is None or same_profile(
-                store.profile(profile_id), memory.profile(profile_id)
-            )
+        assert_stored_as_memory(store, memory, expected)
