@@ -217,15 +217,31 @@ def test_an_unreachable_server_at_open_is_store_unavailable() -> None:
 # -- exactness ----------------------------------------------------------------------------
 
 
-def test_nul_and_the_escape_character_round_trip_everywhere(pg_url: str) -> None:
+# A batch of one event is written batch at a time; a second, unrelated event (a
+# "companion") sends it down the set-wise path (store/postgres/group.py) instead.
+PATHS = pytest.mark.parametrize("companion", [False, True], ids=["one event", "set-wise"])
+
+
+def along(companion: bool, *events: EventRecord) -> list[EventRecord]:
+    """``events``, and a companion event when ``companion``, so that both paths are run;
+    its outcome is the last."""
+    return [*events, event(f"companion-{events[0].message_id}")] if companion else [*events]
+
+
+@PATHS
+def test_nul_and_the_escape_character_round_trip_everywhere(pg_url: str, companion: bool) -> None:
     weird = "a\x00b\uffff0c\uffff\uffff\x00"
     record = event(weird, payload=f'{{"raw": "{weird}"}}', identity=visitor(weird))
     rejection = RejectionRecord("src", "invalid_json", weird, "2024", "/v1/t", weird, 1, weird)
     with PostgresStore(pg_url) as store:
-        [outcome] = store.commit(Batch(events=[record], rejections=[rejection]))
+        outcome, *_ = store.commit(Batch(events=along(companion, record), rejections=[rejection]))
         assert outcome.stored
-        assert store.commit(Batch(events=[event(weird)])) == [DUPLICATE]
-        [row] = store.events()
+        assert (
+            store.commit(Batch(events=[event(weird), *along(companion, event("x"))[1:]]))[0]
+            == DUPLICATE
+        )
+        assert store.redone_groups == 0
+        row, *_ = store.events()
         assert (row.message_id, row.payload) == (weird, record.payload)
         [kept, duplicate] = store.rejections()
         assert (kept.message, kept.payload, kept.message_id) == (weird, weird, weird)
@@ -319,8 +335,9 @@ def test_a_future_cancelled_before_the_writer_takes_it_is_not_written(
         assert [row.message_id for row in store.events()] == ["blocker", "kept"]
 
 
+@PATHS
 def test_a_lost_identity_race_is_redone_and_joins_the_winner(
-    postgres_dsn: str, pg_url: str, pg_schema: str
+    postgres_dsn: str, pg_url: str, pg_schema: str, companion: bool
 ) -> None:
     with PostgresStore(pg_url) as store:
         # Another process is creating visitor a-1's profile and has not committed: the
@@ -330,15 +347,19 @@ def test_a_lost_identity_race_is_redone_and_joins_the_winner(
             "INSERT INTO {s}.profiles VALUES ('PR-theirs', 'ws', 1, '{}', NULL)",
             "INSERT INTO {s}.identities VALUES ('ws', 'anonymous_id', 'a-1', 'PR-theirs')",
         ):  # fmt: skip
-            future = store.submit(Batch(events=[event("m1", identity=visitor("a-1", "PR-mine"))]))
+            mine = event("m1", identity=visitor("a-1", "PR-mine"))
+            future = store.submit(Batch(events=along(companion, mine)))
             wait_until_blocked(postgres_dsn, pg_schema)
-        [outcome] = future.result(TIMEOUT)
+        outcome, *others = future.result(TIMEOUT)
         assert (outcome.stored, outcome.profile_id) == (True, "PR-theirs")
+        assert others == ([STORED] if companion else [])
         assert store.profile("PR-mine") is None  # the lost attempt left nothing behind
+        assert store.redone_groups == int(companion)
 
 
+@PATHS
 def test_events_of_one_person_are_serialised_on_their_profile(
-    postgres_dsn: str, pg_url: str, pg_schema: str
+    postgres_dsn: str, pg_url: str, pg_schema: str, companion: bool
 ) -> None:
     with PostgresStore(pg_url) as store:
         [known] = store.commit(Batch(events=[event("m1", identity=visitor("a", "PR1"))]))
@@ -351,16 +372,17 @@ def test_events_of_one_person_are_serialised_on_their_profile(
             "INSERT INTO {s}.sessions VALUES ('SE-theirs', 'PR1', 100, 100)",
         ):  # fmt: skip
             session = SessionOp(at=110.0, timeout=1800, new_session_id="SE-mine")
-            future = store.submit(
-                Batch(events=[event("m2", identity=visitor("a"), session=session)])
-            )
+            mine = event("m2", identity=visitor("a"), session=session)
+            future = store.submit(Batch(events=along(companion, mine)))
             wait_until_blocked(postgres_dsn, pg_schema, unless=future)
-        [outcome] = future.result(TIMEOUT)
+        outcome, *_ = future.result(TIMEOUT)
         assert (outcome.profile_id, outcome.session_id) == ("PR1", "SE-theirs")
+        assert store.redone_groups == 0  # waited for the lock: nothing to redo
 
 
+@PATHS
 def test_a_duplicate_committed_meanwhile_is_a_duplicate_and_creates_nothing(
-    postgres_dsn: str, pg_url: str, pg_schema: str
+    postgres_dsn: str, pg_url: str, pg_schema: str, companion: bool
 ) -> None:
     insert_m1 = (
         "INSERT INTO {s}.events (source_id, message_id, type, timestamp, received_at, payload)"
@@ -369,10 +391,12 @@ def test_a_duplicate_committed_meanwhile_is_a_duplicate_and_creates_nothing(
     with PostgresStore(pg_url) as store:
         # Checked, found nothing, resolved a profile, then met the other copy on insert.
         with uncommitted(postgres_dsn, pg_schema, insert_m1):
-            with_profile = store.submit(Batch(events=[event("m1", identity=visitor("a", "PR1"))]))
+            mine = event("m1", identity=visitor("a", "PR1"))
+            with_profile = store.submit(Batch(events=along(companion, mine)))
             wait_until_blocked(postgres_dsn, pg_schema)
-        assert with_profile.result(TIMEOUT) == [DUPLICATE]
+        assert with_profile.result(TIMEOUT) == [DUPLICATE, *([STORED] if companion else [])]
         assert store.profile("PR1") is None
+        assert store.redone_groups == int(companion)  # the set-wise path met it on insert
         # Checked, found nothing, then waited on the claim the other copy was taking.
         order = Claim("order_id", "o-1", at=1.0)
         with uncommitted(
@@ -380,10 +404,10 @@ def test_a_duplicate_committed_meanwhile_is_a_duplicate_and_creates_nothing(
             insert_m1.replace("'m1'", "'m2'"),
             "INSERT INTO {s}.claims VALUES ('src', 'order_id', 'o-1', NULL)",
         ):  # fmt: skip
-            claimed = store.submit(Batch(events=[event("m2", claims=(order,))]))
+            claimed = store.submit(Batch(events=along(companion, event("m2", claims=(order,)))))
             other = store.submit(Batch(events=[event("m3", claims=(order,))]))
             wait_until_blocked(postgres_dsn, pg_schema)
-        assert claimed.result(TIMEOUT) == [DUPLICATE]
+        assert claimed.result(TIMEOUT)[0] == DUPLICATE
         assert other.result(TIMEOUT) == [Outcome(False, "order_id")]
 
 

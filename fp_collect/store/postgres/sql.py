@@ -112,6 +112,42 @@ REJECTION_COLUMNS = (
     "id, source_id, reason, message, received_at, endpoint, payload, idx, message_id"
 )
 
+
+def _json_rows(*columns: str) -> str:
+    """A subquery of the rows that one parameter holds as a JSON array of arrays (see
+    ``text.json_rows``), and each row's place in it as ``n``. ``columns`` name the
+    values in order: ``"name"`` for text, ``"name type"`` for another type.
+
+    One JSON parameter rather than an array per column: psycopg adapts arrays element
+    by element in Python, which cost more than the rest of a group's writing.
+    """
+    values = []
+    for index, column in enumerate(columns):
+        name, _, kind = column.partition(" ")
+        value = f"j.r->>{index}"
+        values.append(f"({value})::{kind} AS {name}" if kind else f"{value} AS {name}")
+    return (
+        f"(SELECT {', '.join(values)}, j.n"
+        " FROM json_array_elements(%s::json) WITH ORDINALITY AS j(r, n))"
+    )
+
+
+# Lookups go row by row through a LATERAL subquery on a unique index: the planner
+# cannot know how many rows a JSON parameter holds, and given a join it may choose to
+# scan a whole table for a handful of rows.
+_OWNER_OF_EACH = (
+    f"{_json_rows('scope', 'kind', 'value')} u CROSS JOIN LATERAL (SELECT i.profile_id"
+    " FROM {s}.identities i WHERE i.scope = u.scope AND i.kind = u.kind AND i.value = u.value"
+    " LIMIT 1) i"
+)
+# The ids of the profiles a group names outright (one parameter) or through its
+# identities (another), in order: the order their rows are locked in, by every writer.
+_PROFILES_AMONG = (
+    f"(SELECT x.id FROM (SELECT u.id FROM {_json_rows('id')} u"
+    f" UNION SELECT i.profile_id FROM {_OWNER_OF_EACH}) x ORDER BY x.id) ids"
+)
+
+
 STATEMENTS = {
     "insert_event": (
         "INSERT INTO {s}.events (source_id, message_id, type, name, user_id, anonymous_id,"
@@ -152,6 +188,86 @@ STATEMENTS = {
         "INSERT INTO {s}.sessions (id, profile_id, started_at, last_seen) VALUES (%s, %s, %s, %s)"
     ),
     "touch_session": ("UPDATE {s}.sessions SET last_seen = greatest(last_seen, %s) WHERE id = %s"),
+    # -- set-wise, for a whole group at once (see group.py); rows come as JSON -----------
+    "stored_among": (
+        f"SELECT u.source_id, u.message_id FROM {_json_rows('source_id', 'message_id')} u"
+        " CROSS JOIN LATERAL (SELECT 1 FROM {s}.events e"
+        " WHERE e.source_id = u.source_id AND e.message_id = u.message_id LIMIT 1) e"
+    ),
+    # Locked, in the rows' order: a claim seen free or expired stays so until the group
+    # commits.
+    "lock_claims_among": (
+        "SELECT c.source_id, c.kind, c.key, c.until"
+        f" FROM {_json_rows('source_id', 'kind', 'key')} u CROSS JOIN LATERAL"
+        " (SELECT * FROM {s}.claims c WHERE c.source_id = u.source_id AND c.kind = u.kind"
+        " AND c.key = u.key FOR UPDATE) c ORDER BY u.n"
+    ),
+    "owners_among": f"SELECT u.scope, u.kind, u.value, i.profile_id FROM {_OWNER_OF_EACH}",
+    # The profiles named outright or owning one of the identities, locked in id order
+    # (as merged_into_locked locks one): what serialises concurrent writers of a person.
+    "lock_profiles_among": (
+        f"SELECT p.id, p.merged_into FROM {_PROFILES_AMONG} CROSS JOIN LATERAL"
+        " (SELECT p.id, p.merged_into FROM {s}.profiles p WHERE p.id = ids.id"
+        " FOR NO KEY UPDATE) p"
+    ),
+    "latest_sessions_among": (
+        f"SELECT ids.id, s.id, s.last_seen FROM {_PROFILES_AMONG} CROSS JOIN LATERAL"
+        " (SELECT s.id, s.last_seen FROM {s}.sessions s WHERE s.profile_id = ids.id"
+        " ORDER BY s.last_seen DESC, s.id DESC LIMIT 1) s"
+    ),
+    "insert_profiles": (
+        "INSERT INTO {s}.profiles (id, scope, created_at, traits)"
+        f" SELECT u.id, u.scope, u.created_at, '{{}}'"
+        f" FROM {_json_rows('id', 'scope', 'created_at float8')} u ORDER BY u.n"
+    ),
+    "insert_identities": (
+        "INSERT INTO {s}.identities (scope, kind, value, profile_id)"
+        " SELECT u.scope, u.kind, u.value, u.profile_id"
+        f" FROM {_json_rows('scope', 'kind', 'value', 'profile_id')} u ORDER BY u.n"
+    ),
+    # New sessions, and the last-seen time of those seen again (never set back): an
+    # upsert on the key, so that no join is planned.
+    "upsert_sessions": (
+        "INSERT INTO {s}.sessions AS s (id, profile_id, started_at, last_seen)"
+        " SELECT u.id, u.profile_id, u.started_at, u.last_seen FROM "
+        + _json_rows("id", "profile_id", "started_at float8", "last_seen float8")
+        + " u ORDER BY u.n"
+        " ON CONFLICT (id) DO UPDATE SET last_seen = greatest(s.last_seen, excluded.last_seen)"
+    ),
+    # Claims no row held when looked up: one inserted meanwhile is not overwritten, and
+    # the count RETURNING gives shows it.
+    "insert_claims": (
+        "INSERT INTO {s}.claims (source_id, kind, key, until)"
+        " SELECT u.source_id, u.kind, u.key, u.until"
+        f" FROM {_json_rows('source_id', 'kind', 'key', 'until float8')} u ORDER BY u.n"
+        " ON CONFLICT DO NOTHING RETURNING 1"
+    ),
+    # Claims whose rows had expired (locked since): an upsert on the key, so that no
+    # join is planned.
+    "renew_claims": (
+        "INSERT INTO {s}.claims (source_id, kind, key, until)"
+        " SELECT u.source_id, u.kind, u.key, u.until"
+        f" FROM {_json_rows('source_id', 'kind', 'key', 'until float8')} u ORDER BY u.n"
+        " ON CONFLICT (source_id, kind, key) DO UPDATE SET until = excluded.until"
+    ),
+    # In the rows' order, so that ids follow the order the events were decided in.
+    "insert_events": (
+        "INSERT INTO {s}.events (source_id, message_id, type, name, user_id, anonymous_id,"
+        " timestamp, received_at, payload, profile_id, session_id, warnings)"
+        " SELECT u.source_id, u.message_id, u.type, u.name, u.user_id, u.anonymous_id,"
+        " u.timestamp, u.received_at, u.payload, u.profile_id, u.session_id, u.warnings"
+        " FROM "
+        + _json_rows(*EVENT_COLUMNS.split(", ")[1:])
+        + " u ORDER BY u.n ON CONFLICT (source_id, message_id) DO NOTHING RETURNING 1"
+    ),
+    "insert_rejections": (
+        "INSERT INTO {s}.rejections (source_id, reason, message, received_at, endpoint,"
+        " payload, idx, message_id)"
+        " SELECT u.source_id, u.reason, u.message, u.received_at, u.endpoint, u.payload,"
+        " u.idx, u.message_id FROM "
+        + _json_rows(*REJECTION_COLUMNS.replace("idx", "idx int8").split(", ")[1:])
+        + " u ORDER BY u.n"
+    ),
     "profile": "SELECT scope, created_at, traits FROM {s}.profiles WHERE id = %s",
     "identities": (
         "SELECT kind, value FROM {s}.identities WHERE profile_id = %s AND scope = %s"

@@ -25,9 +25,9 @@ class Watch:
         # its own and the number is reused, so we can never shut down a stranger.
         self._sock = socket.socket(fileno=os.dup(conn.fileno()))
 
-    def extend(self) -> None:
-        """A statement is about to be sent: the server has ``timeout`` to answer it."""
-        self.deadline = time.monotonic() + self.timeout
+    def extend(self, statements: int = 1) -> None:
+        """Statements are about to be sent: the server has ``timeout`` to answer each."""
+        self.deadline = time.monotonic() + self.timeout * statements
 
     def fire(self) -> None:
         # shutdown() wakes the thread blocked on the socket with an error; psycopg then

@@ -1,0 +1,428 @@
+"""A whole group of batches in a few set-wise round trips: the writer's common path.
+
+Done batch at a time, each event costs about six statements, each a round trip
+(is it stored? who owns its identity? lock the profile; the claim; the insert...).
+Here the group's questions are asked at once, in one pipeline: which of its message
+ids are stored, which of its claims are held (rows locked), who owns its identities
+and which profiles they lead to (rows locked, in id order), and their latest
+sessions. Every batch is then decided in Python, in order, as the batch-at-a-time
+path would decide it; and what was decided is written with one statement per table,
+in a second pipeline.
+
+What other writers do between the lookups and the writes cannot change a decision
+unseen:
+
+* a profile or claim row found is locked until the group commits;
+* a message id stored meanwhile makes the events' INSERT insert fewer rows than
+  decided, a claim taken meanwhile the claims' INSERT, and an identity attached
+  meanwhile the identities' INSERT fail on its key.
+
+Any such surprise raises :class:`GroupRaced`. Any failure at all makes the caller roll
+the group back and redo it batch at a time, where a race is retried and a bad batch
+fails alone: this path only ever commits a group it wrote whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ujson
+
+from fp_collect.decoding import dumps
+from fp_collect.store.base import (
+    DUPLICATE,
+    STORED,
+    UNKNOWN_USER,
+    Batch,
+    EventRecord,
+    Identity,
+    Outcome,
+    claim_is_held,
+    refused_records,
+)
+from fp_collect.store.identity import resolve_profile, resolve_session
+from fp_collect.store.postgres.sql import Connection, Cursor
+from fp_collect.store.postgres.text import json_rows
+from fp_collect.store.postgres.watchdog import Watch
+
+Statement = tuple[str, Sequence[object]]
+_ClaimKey = tuple[str, str, str]
+_IdentityKey = tuple[str, str, str]
+
+
+class GroupRaced(Exception):
+    """Another transaction wrote what this group had decided on: redo it batch at a time."""
+
+
+class Link:
+    """The writer's connection inside one transaction, each statement watched."""
+
+    def __init__(self, conn: Connection, watch: Watch) -> None:
+        self.conn = conn
+        self.watch = watch
+
+    def run(self, sql: str, params: Sequence[object] = ()) -> Cursor:
+        self.watch.extend()
+        return self.conn.execute(sql, params)
+
+    def pipeline(self, statements: Sequence[Statement]) -> list[Cursor]:
+        """Send ``statements`` at once and wait for all their results: one round trip.
+        An error in any of them is raised here (the rest are then not run)."""
+        cursors: list[Cursor] = []
+        if not statements:
+            return cursors
+        with self.conn.pipeline():
+            for sql, params in statements:
+                cursor = self.conn.cursor()
+                self.watch.extend(len(statements))
+                cursor.execute(sql, params)
+                cursors.append(cursor)
+        return cursors
+
+
+def write_group(link: Link, sql: dict[str, str], batches: Sequence[Batch]) -> list[list[Outcome]]:
+    """Decide and write ``batches`` in the open transaction; their outcomes, in order.
+
+    Raises :class:`GroupRaced` (or any other error): the transaction must then be
+    rolled back, and nothing of it may be committed.
+    """
+    lookups = _Lookups.of(batches)
+    known, graph = _look_up(link, sql, lookups)
+    rows = _Rows()
+    results = [_decide(batch, known, graph, rows) for batch in batches]
+    statements = graph.pending() + rows.statements(sql)
+    cursors = link.pipeline([statement for statement, _ in statements])
+    for cursor, (_, expected) in zip(cursors, statements, strict=True):
+        if expected is not None and len(cursor.fetchall()) != expected:
+            raise GroupRaced("a message id or claim was stored by another writer meanwhile")
+    return results
+
+
+@dataclass(slots=True)
+class _Lookups:
+    """Everything a group's events will ask about, deduplicated and sorted (neighbours
+    in an index, and locks taken in one order by every writer)."""
+
+    messages: list[tuple[str, str]]
+    claims: list[_ClaimKey]
+    identities: list[_IdentityKey]
+    profiles: list[str]
+    sessions: bool
+
+    @classmethod
+    def of(cls, batches: Iterable[Batch]) -> _Lookups:
+        messages: set[tuple[str, str]] = set()
+        claims: set[_ClaimKey] = set()
+        identities: set[_IdentityKey] = set()
+        profiles: set[str] = set()
+        sessions = False
+        for batch in batches:
+            for event in batch.events:
+                messages.add((event.source_id, event.message_id))
+                for claim in event.claims:
+                    claims.add((event.source_id, claim.kind, claim.key))
+                op = event.identity
+                if op is not None:
+                    for identity in (*op.identities, *op.lookups):
+                        identities.add((op.scope, identity.kind, identity.value))
+                    if op.profile_id is not None:
+                        profiles.add(op.profile_id)
+                    sessions = sessions or event.session is not None
+        return cls(sorted(messages), sorted(claims), sorted(identities), sorted(profiles), sessions)
+
+
+@dataclass(slots=True)
+class _Known:
+    """What the lookups found, kept current while the group is decided: the (source,
+    message id) stored, and the ``until`` of each claim held (absent: never taken)."""
+
+    stored: set[tuple[str, str]]
+    claims: dict[_ClaimKey, float | None]
+    # The claims that had a row when looked up (locked): renewed, not inserted.
+    claim_rows: frozenset[_ClaimKey]
+
+
+def _look_up(link: Link, sql: dict[str, str], lookups: _Lookups) -> tuple[_Known, _GroupGraph]:
+    identities = json_rows(lookups.identities)
+    profiles_among = (json_rows([(profile_id,) for profile_id in lookups.profiles]), identities)
+    statements: list[Statement] = []
+    if lookups.messages:
+        statements.append((sql["stored_among"], (json_rows(lookups.messages),)))
+    if lookups.claims:
+        statements.append((sql["lock_claims_among"], (json_rows(lookups.claims),)))
+    if lookups.identities:
+        statements.append((sql["owners_among"], (identities,)))
+    if lookups.identities or lookups.profiles:
+        statements.append((sql["lock_profiles_among"], profiles_among))
+        if lookups.sessions:
+            statements.append((sql["latest_sessions_among"], profiles_among))
+    cursors = iter(link.pipeline(statements))
+    stored: set[tuple[str, str]] = set()
+    if lookups.messages:
+        stored = {(source_id, message_id) for source_id, message_id in next(cursors)}
+    held: dict[_ClaimKey, float | None] = {}
+    if lookups.claims:
+        held = {(source, kind, key): until for source, kind, key, until in next(cursors)}
+    graph = _GroupGraph(link, sql)
+    if lookups.identities:
+        owners = {(scope, kind, value): owner for scope, kind, value, owner in next(cursors)}
+        for key in lookups.identities:
+            graph.owners[key] = owners.get(key)
+    if lookups.identities or lookups.profiles:
+        for profile_id, merged_into in next(cursors):
+            if merged_into is None:
+                graph.canonicals[profile_id] = profile_id
+        if lookups.sessions:
+            found = {profile_id: (session, seen) for profile_id, session, seen in next(cursors)}
+            # Only the profiles locked above: no other writer can change their sessions.
+            for profile_id in graph.canonicals:
+                graph.remember_latest(profile_id, found.get(profile_id))
+    return _Known(stored, held, frozenset(held)), graph
+
+
+def _decide(batch: Batch, known: _Known, graph: _GroupGraph, rows: _Rows) -> list[Outcome]:
+    """The batch-at-a-time path's decisions for ``batch``, in the same order, from what
+    is ``known``; what is to be written goes to ``rows`` (and the graph)."""
+    outcomes: list[Outcome] = []
+    stored, held = known.stored, known.claims
+    for event in batch.events:
+        source_id = event.source_id
+        blocked_by: str | None = None
+        for claim in event.claims:
+            claim_key = (source_id, claim.kind, claim.key)
+            if claim_key in held and claim_is_held(held[claim_key], claim.at):
+                blocked_by = claim.kind
+                break
+        key = (source_id, event.message_id)
+        if key in stored:  # a duplicate is one even when its claim is also held
+            outcomes.append(DUPLICATE)
+            continue
+        if blocked_by is not None:
+            outcomes.append(Outcome(False, blocked_by))
+            continue
+        profile_id = session_id = None
+        if event.identity is not None:
+            profile_id = resolve_profile(graph, event.identity)
+            if profile_id is None:
+                outcomes.append(UNKNOWN_USER)
+                continue
+            if event.session is not None:
+                session_id = resolve_session(graph, event.session, profile_id)
+        stored.add(key)
+        rows.events.append(event_row(event, profile_id, session_id))
+        for claim in event.claims:
+            claim_key = (source_id, claim.kind, claim.key)
+            held[claim_key] = claim.until
+            target = rows.renewed_claims if claim_key in known.claim_rows else rows.new_claims
+            target[claim_key] = claim.until
+        outcomes.append(
+            STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
+        )
+    for r in (*refused_records(batch, outcomes), *batch.rejections):
+        rows.rejections.append(
+            (r.source_id, r.reason, r.message, r.received_at, r.endpoint, r.payload, r.index,
+             r.message_id)
+        )  # fmt: skip
+    return outcomes
+
+
+# A statement to send, and how many rows it must return (None: not checked).
+_Checked = tuple[Statement, "int | None"]
+
+
+@dataclass(slots=True)
+class _Rows:
+    """The group's events, claims and rejections, each written with one statement."""
+
+    events: list[tuple[object, ...]] = field(default_factory=list)
+    new_claims: dict[_ClaimKey, float | None] = field(default_factory=dict)
+    renewed_claims: dict[_ClaimKey, float | None] = field(default_factory=dict)
+    rejections: list[tuple[object, ...]] = field(default_factory=list)
+
+    def statements(self, sql: dict[str, str]) -> list[_Checked]:
+        statements: list[_Checked] = []
+        if self.new_claims:
+            claims = [(*key, until) for key, until in self.new_claims.items()]
+            statements.append(((sql["insert_claims"], (json_rows(claims),)), len(claims)))
+        if self.renewed_claims:
+            claims = [(*key, until) for key, until in self.renewed_claims.items()]
+            statements.append(((sql["renew_claims"], (json_rows(claims),)), None))
+        if self.events:
+            statements.append(((sql["insert_events"], (json_rows(self.events),)), len(self.events)))
+        if self.rejections:
+            statements.append(((sql["insert_rejections"], (json_rows(self.rejections),)), None))
+        return statements
+
+
+def event_row(
+    event: EventRecord, profile_id: str | None, session_id: str | None
+) -> tuple[object, ...]:
+    return (
+        event.source_id, event.message_id, event.type, event.name, event.user_id,
+        event.anonymous_id, event.timestamp, event.received_at, event.payload, profile_id,
+        session_id, dumps(list(event.warnings)) if event.warnings else None,
+    )  # fmt: skip
+
+
+class _GroupGraph:
+    """The identity primitives over the group's lookups, inside its transaction.
+
+    What the lookups found is remembered and kept current by our own changes: the owner
+    of every identity the group names, the profiles found unmerged (locked), and their
+    latest sessions. New profiles, identities and sessions, and session touches, are
+    kept back and written in one statement each: by :meth:`pending` with the rest of the
+    group, or by :meth:`_flush` before any other statement of the graph, so that every
+    query sees them. Anything not remembered is asked with a statement of its own, as
+    the batch-at-a-time path's graph would (merges, traits, named sessions).
+    """
+
+    def __init__(self, link: Link, sql: dict[str, str]) -> None:
+        self._link = link
+        self._sql = sql
+        self.owners: dict[_IdentityKey, str | None] = {}
+        # Surviving profiles locked by this transaction (each its own canonical id).
+        self.canonicals: dict[str, str] = {}
+        # Each locked profile's latest session (id, last seen), None when it has none;
+        # and whose profile each session seen is (those remembered, named, or new).
+        self.latest: dict[str, tuple[str, float] | None] = {}
+        self._session_profiles: dict[str, str] = {}
+        self._new_profiles: list[tuple[str, str, float]] = []
+        self._new_identities: list[tuple[str, str, str, str]] = []
+        # Sessions started or seen again: id -> [profile, started at, last seen].
+        self._sessions: dict[str, list[Any]] = {}
+
+    def pending(self) -> list[_Checked]:
+        """The statements writing what was kept back (and forgetting it here)."""
+        statements: list[_Checked] = []
+        for name, rows in (
+            ("insert_profiles", self._new_profiles),
+            ("insert_identities", self._new_identities),
+        ):
+            if rows:
+                statements.append(((self._sql[name], (json_rows(rows),)), None))
+                rows.clear()
+        if self._sessions:
+            sessions = [(session_id, *row) for session_id, row in self._sessions.items()]
+            statements.append(((self._sql["upsert_sessions"], (json_rows(sessions),)), None))
+            self._sessions.clear()
+        return statements
+
+    def _flush(self) -> None:
+        self._link.pipeline([statement for statement, _ in self.pending()])
+
+    def _one(self, name: str, params: tuple[object, ...]) -> Any:
+        self._flush()
+        row = self._link.run(self._sql[name], params).fetchone()
+        return None if row is None else row[0]
+
+    def owner(self, scope: str, identity: Identity) -> str | None:
+        key = (scope, identity.kind, identity.value)
+        if key not in self.owners:
+            self.owners[key] = self._one("owner", key)
+        return self.owners[key]
+
+    def canonical(self, profile_id: str) -> str | None:
+        if profile_id in self.canonicals:
+            return self.canonicals[profile_id]
+        current = profile_id
+        for _ in range(1000):  # merge chains are short; a cycle would be a bug
+            self._flush()
+            row = self._link.run(self._sql["merged_into_locked"], (current,)).fetchone()
+            if row is None:
+                return None
+            if row[0] is None:
+                self.canonicals[current] = current
+                if current != profile_id:
+                    self.canonicals[profile_id] = current
+                return current
+            current = row[0]
+        raise RuntimeError(f"profile {profile_id!r}: merge chain too long")
+
+    def created_at(self, profile_id: str) -> float:
+        created: float = self._one("created_at", (profile_id,))
+        return created
+
+    def create_profile(self, profile_id: str, scope: str, at: float) -> None:
+        self._new_profiles.append((profile_id, scope, at))
+        self.canonicals[profile_id] = profile_id
+        self.latest[profile_id] = None
+
+    def attach(self, scope: str, identity: Identity, profile_id: str) -> None:
+        key = (scope, identity.kind, identity.value)
+        self._new_identities.append((*key, profile_id))
+        self.owners[key] = profile_id
+
+    def merge(self, survivor: str, merged: str) -> None:
+        self._flush()
+        run, sql = self._link.run, self._sql
+        run(sql["move_identities"], (survivor, merged))
+        run(sql["move_sessions"], (survivor, merged))
+        gone = ujson.loads(self._one("traits", (merged,)))
+        kept = ujson.loads(self._one("traits", (survivor,)))
+        run(sql["set_traits"], (dumps({**gone, **kept}), survivor))
+        run(sql["mark_merged"], (survivor, merged))
+        # As the UPDATEs above did: what named or led to the merged profile now leads
+        # to the survivor, whose latest session may now be one of the merged profile's.
+        for identity, owner in self.owners.items():
+            if owner == merged:
+                self.owners[identity] = survivor
+        for profile_id, canonical in self.canonicals.items():
+            if canonical == merged:
+                self.canonicals[profile_id] = survivor
+        for session_id, owner in self._session_profiles.items():
+            if owner == merged:
+                self._session_profiles[session_id] = survivor
+        self.latest.pop(survivor, None)
+        self.latest.pop(merged, None)
+
+    def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
+        current = ujson.loads(self._one("traits", (profile_id,)))
+        self._link.run(self._sql["set_traits"], (dumps({**current, **traits}), profile_id))
+
+    def latest_session(self, profile_id: str) -> tuple[str, float] | None:
+        if profile_id not in self.latest:
+            self._flush()
+            row = self._link.run(self._sql["latest_session"], (profile_id,)).fetchone()
+            self.remember_latest(profile_id, None if row is None else (row[0], row[1]))
+        return self.latest[profile_id]
+
+    def remember_latest(self, profile_id: str, latest: tuple[str, float] | None) -> None:
+        self.latest[profile_id] = latest
+        if latest is not None:
+            self._session_profiles[latest[0]] = profile_id
+
+    def session_owner(self, session_id: str) -> str | None:
+        owner: str | None = self._one("session_owner", (session_id,))
+        if owner is not None:
+            self._session_profiles[session_id] = owner
+        return owner
+
+    def start_session(self, session_id: str, profile_id: str, at: float) -> None:
+        self._sessions[session_id] = [profile_id, at, at]
+        self._session_profiles[session_id] = profile_id
+        self._seen(profile_id, session_id, at)
+
+    def touch_session(self, session_id: str, at: float) -> None:
+        profile_id = self._session_profiles.get(session_id)
+        if profile_id is None:
+            # Never seen here (resolve_session touches only sessions it found), and its
+            # profile is needed to write the touch as an upsert: give up this path.
+            raise GroupRaced(f"session {session_id!r} touched before it was looked up")
+        row = self._sessions.setdefault(session_id, [profile_id, at, at])
+        row[2] = max(row[2], at)
+        self._seen(profile_id, session_id, at)
+
+    def _seen(self, profile_id: str, session_id: str, at: float) -> None:
+        """Keep the latest session of ``profile_id`` (if remembered) current after
+        ``session_id`` of that profile was last seen at ``at`` or later."""
+        if profile_id not in self.latest:
+            return
+        latest = self.latest[profile_id]
+        if latest is not None and latest[0] == session_id:
+            self.latest[profile_id] = (session_id, max(latest[1], at))
+        # The latest is the one last seen last (the greater id on a tie). A touched
+        # session that was not the latest was last seen before it until now.
+        elif latest is None or (at, session_id) > (latest[1], latest[0]):
+            self.latest[profile_id] = (session_id, at)

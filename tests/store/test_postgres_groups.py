@@ -1,0 +1,194 @@
+"""The PostgreSQL writer's set-wise path (``store/postgres/group.py``): a group decided
+from a few lookups and written a table at a time must decide exactly as the
+batch-at-a-time path and the memory store do, in a fixed number of round trips, and
+stay exact when several writers race on the same people."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+from unittest import mock
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fp_collect.store import Batch, EventRecord, Outcome
+from fp_collect.store.base import Identity, IdentityOp, SessionOp
+from fp_collect.store.memory import MemoryStore
+from fp_collect.store.postgres import PostgresStore
+from fp_collect.store.postgres.group import Link
+
+from .conftest import drop_schema, with_query
+from .groups import (
+    POOL,
+    assert_stored_as_memory,
+    event,
+    held_writer,
+    offered_ids_of_batch,
+    random_events,
+)
+
+TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
+
+
+@pytest.fixture
+def pg_url(postgres_dsn: str, pg_schema: str) -> str:
+    return with_query(postgres_dsn, schema=pg_schema)
+
+
+@contextmanager
+def fresh_store(dsn: str) -> Iterator[PostgresStore]:
+    """A store in a schema of its own, dropped afterwards (one per hypothesis example)."""
+    schema = f"fpc_test_{uuid.uuid4().hex[:16]}"
+    try:
+        with PostgresStore(with_query(dsn, schema=schema)) as store:
+            yield store
+    finally:
+        drop_schema(dsn, schema)
+
+
+@pytest.mark.parametrize("path", ["set-wise", "batch at a time"])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(batches=st.lists(random_events(), min_size=1, max_size=4))
+def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
+    postgres_dsn: str, path: str, batches: list[list[EventRecord]]
+) -> None:
+    """Merges, lookups, named profiles and sessions, traits, claims and repeated ids,
+    all in one group: each path must store what committing the batches one at a time in
+    the memory store stores, and the set-wise path (taken for more than one event) must
+    need no redo."""
+    batches = [offered_ids_of_batch(number, events) for number, events in enumerate(batches)]
+    memory = MemoryStore()
+    expected = [memory.commit(Batch(events=list(events))) for events in batches]
+    with fresh_store(postgres_dsn) as store:
+        redo = mock.patch.object(store, "_commit_some", wraps=store._commit_some)
+        if path == "batch at a time":
+            set_wise = mock.patch.object(store, "_commit_set_wise", side_effect=skip_set_wise)
+        else:
+            set_wise = mock.patch.object(store, "_commit_set_wise", wraps=store._commit_set_wise)
+        with redo as redone, set_wise:
+            with held_writer(store):
+                futures = [store.submit(Batch(events=list(events))) for events in batches]
+            assert [future.result(TIMEOUT) for future in futures] == expected
+        if path == "set-wise":
+            assert store.redone_groups == 0
+        else:
+            assert redone.called
+        assert_stored_as_memory(store, memory, expected)
+
+
+def skip_set_wise(jobs: list[Any]) -> None:
+    """What _commit_set_wise answers when it gave up: redo the group batch at a time."""
+    return None
+
+
+def new_visitor(number: int) -> EventRecord:
+    identity = IdentityOp(
+        scope="ws", at=100.0, identities=(Identity("anonymous_id", f"a-{number}"),)
+    )
+    return event(f"m{number}", identity=identity, session=SessionOp(at=100.0, timeout=1800))
+
+
+def test_a_group_takes_four_round_trips_whatever_its_size(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BEGIN, the lookups, the writes, COMMIT: for 100 new visitors (a profile, an
+    identity and a session each) and then for the same 100 coming back."""
+    trips: list[str] = []
+    run, pipeline = Link.run, Link.pipeline
+
+    def counted_run(link: Link, sql: str, params: Any = ()) -> Any:
+        trips.append(sql.split()[0])
+        return run(link, sql, params)
+
+    def counted_pipeline(link: Link, statements: Any) -> Any:
+        trips.append(f"pipeline of {len(statements)}")
+        return pipeline(link, statements)
+
+    monkeypatch.setattr(Link, "run", counted_run)
+    monkeypatch.setattr(Link, "pipeline", counted_pipeline)
+    with PostgresStore(pg_url) as store:
+        first = store.commit(Batch(events=[new_visitor(n) for n in range(100)]), TIMEOUT)
+        # Looked up: stored ids, owners, profiles (locked), their latest sessions.
+        # Written: profiles, identities, sessions, events.
+        assert trips == ["pipeline of 4", "pipeline of 4", "COMMIT"]
+        trips.clear()
+        again = [new_visitor(n) for n in range(100)]
+        for returning in again:
+            returning.message_id += "-again"
+        second = store.commit(Batch(events=again), TIMEOUT)
+        # The same lookups; written: the sessions' last-seen times, events.
+        assert trips == ["pipeline of 4", "pipeline of 2", "COMMIT"]
+    assert all(o.stored for o in first + second)
+    assert [(o.profile_id, o.session_id) for o in first] == [
+        (o.profile_id, o.session_id) for o in second
+    ]
+    assert len({o.profile_id for o in first}) == 100
+
+
+def test_racing_writers_keep_profiles_identities_and_sessions_consistent(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    """Three stores (three writers, as three processes would have) in six threads, on a
+    handful of visitors: merges, sessions and repeated messageIds all conflicting,
+    through both the set-wise path and its fallback. Each messageId is stored once,
+    every identity and session belongs to a live profile, and every event's profile
+    exists."""
+
+    def send(store: PostgresStore, thread: int) -> list[tuple[str, Outcome]]:
+        rng = random.Random(thread)
+        done: list[tuple[str, Outcome]] = []
+        for i in range(30):
+            events = []
+            for k in range(rng.randint(1, 3)):
+                at = float(rng.randint(0, 8) * 1000)
+                op = IdentityOp(
+                    scope="ws",
+                    at=at,
+                    identities=tuple(rng.sample(POOL, rng.randint(1, 2))),
+                    merge=rng.random() < 0.3,
+                    new_profile_id=f"PR-{thread}-{i}-{k}",
+                    traits={"t": thread},
+                )
+                session = SessionOp(at, 1800.0, f"SE-{thread}-{i}-{k}")
+                events.append(event(f"m{rng.randint(0, 60)}", identity=op, session=session))
+            batch = Batch(events=events)
+            if i % 2:
+                outcomes = store.commit(batch, TIMEOUT)
+            else:
+                outcomes = store.submit(batch).result(TIMEOUT)
+            done += zip((e.message_id for e in events), outcomes, strict=True)
+        return done
+
+    stores = [PostgresStore(pg_url) for _ in range(3)]
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            sent = list(pool.map(send, stores * 2, range(6)))
+    finally:
+        for store in stores:
+            store.close()
+    stored = Counter(m for results in sent for m, outcome in results if outcome.stored)
+    with PostgresStore(pg_url) as store:
+        rows = list(store.events())
+        assert Counter(row.message_id for row in rows) == stored == Counter(set(stored))
+        for row in rows:
+            assert row.profile_id is not None and store.profile(row.profile_id) is not None
+    s = f'"{pg_schema}"'
+    with psycopg.connect(postgres_dsn) as conn:
+        orphans = conn.execute(
+            f"SELECT 'identity', i.value FROM {s}.identities i JOIN {s}.profiles p"
+            " ON p.id = i.profile_id WHERE p.merged_into IS NOT NULL"
+            f" UNION ALL SELECT 'session', x.id FROM {s}.sessions x JOIN {s}.profiles p"
+            " ON p.id = x.profile_id WHERE p.merged_into IS NOT NULL"
+            f" UNION ALL SELECT 'identity', i.value FROM {s}.identities i"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {s}.profiles p WHERE p.id = i.profile_id)"
+        ).fetchall()
+    assert orphans == []
