@@ -42,8 +42,8 @@ def test_store_writer_benchmark_runs() -> None:
 def test_store_writer_benchmark_runs_on_postgres_and_leaves_nothing(postgres_dsn: str) -> None:
     lines, rows = table("--store", "postgres", "--postgres-url", postgres_dsn, "--only", "x25")
     assert [row[0].strip() for row in rows][:4] == [
-        "track x25 new set-wise", "track x25 new batch at a time",
-        "track x25 returning set-wise", "track x25 returning batch at a time",
+        "track x25 new", "track x25 new batch at a time",
+        "track x25 returning", "track x25 returning batch at a time",
     ]  # fmt: skip
     schema = lines[0].split("schema ")[1].split(";")[0]
     with psycopg.connect(postgres_dsn) as conn:

@@ -41,11 +41,20 @@ Design:
   a migration is all or nothing. A database already at the current version is opened
   without the lock and without DDL (a role without CREATE rights can then use it).
 * **One writer thread, group commit.** ``submit`` only enqueues; the writer drains the
-  queue and commits many batches in one transaction, each inside its own SAVEPOINT, so
-  a bad batch fails alone (a group of one batch needs none: its failure rolls back the
-  whole transaction). Commits are settled only after COMMIT returns. A blocking
-  :meth:`PostgresStore.commit` (a WSGI request thread) writes its batch in its own thread
-  when nobody else is writing, and otherwise joins the writer thread's next group.
+  queue and commits many batches in one transaction. Commits are settled only after
+  COMMIT returns. A blocking :meth:`PostgresStore.commit` (a WSGI request thread) writes
+  its batch in its own thread when nobody else is writing, and otherwise joins the
+  writer thread's next group.
+* **Set-wise first** (``group.py``). A group of more than one event is looked up in one
+  pipeline (stored message ids; claims and profiles, their rows locked; owners; latest
+  sessions), decided in Python, and written in another, a table at a time: four round
+  trips whatever its size. Whatever another writer did meanwhile that would change a
+  decision either waits on our locks or shows on our writes (a RETURNING count short,
+  a unique key violated); the group is then rolled back and redone batch at a time.
+* **Batch at a time** (the fallback, and a single event's path): the batches of the
+  group each inside its own SAVEPOINT, so a bad batch fails alone (a group of one batch
+  needs none: its failure rolls back the whole transaction), each event's statements
+  one after another, as described next.
 * **Exact across processes and machines** (everything below happens in the writing
   transaction, at READ COMMITTED):
 

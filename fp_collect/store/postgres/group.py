@@ -282,7 +282,7 @@ class _GroupGraph:
         self._link = link
         self._sql = sql
         self.owners: dict[_IdentityKey, str | None] = {}
-        # Surviving profiles locked by this transaction (each its own canonical id).
+        # Profile -> the surviving profile it leads to, locked by this transaction.
         self.canonicals: dict[str, str] = {}
         # Each locked profile's latest session (id, last seen), None when it has none;
         # and whose profile each session seen is (those remembered, named, or new).
