@@ -228,6 +228,27 @@ def along(companion: bool, *events: EventRecord) -> list[EventRecord]:
     return [*events, event(f"companion-{events[0].message_id}")] if companion else [*events]
 
 
+def test_a_lone_event_of_a_returning_visitor_takes_six_statements(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flask under a sync worker commits one event at a time: BEGIN, is it stored, who
+    owns the identity, lock the profile, INSERT, COMMIT. The owner is asked once, though
+    resolution asks for it twice (before choosing the profile, and before attaching)."""
+    with PostgresStore(pg_url) as store:
+        store.commit(Batch(events=[event("m1", identity=visitor("a"))]), TIMEOUT)
+        sent: list[str] = []
+        execute = psycopg.Cursor.execute
+
+        def counted(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            sent.append(str(query).split()[0])
+            return execute(cursor, query, *args, **kwargs)
+
+        monkeypatch.setattr(psycopg.Cursor, "execute", counted)
+        [outcome] = store.commit(Batch(events=[event("m2", identity=visitor("a"))]), TIMEOUT)
+    assert outcome.stored
+    assert sent == ["BEGIN", "SELECT", "SELECT", "SELECT", "INSERT", "COMMIT"]
+
+
 @PATHS
 def test_nul_and_the_escape_character_round_trip_everywhere(pg_url: str, companion: bool) -> None:
     weird = "a\x00b\uffff0c\uffff\uffff\x00"

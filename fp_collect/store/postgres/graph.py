@@ -18,20 +18,27 @@ class PGGraph:
 
     With ``lock``, following a profile locks its row until the transaction ends, which
     is what serialises concurrent events, merges and sessions of one person.
+
+    One graph serves one event. The owner of each identity is asked once: resolution
+    asks again before attaching, and an identity attached by another writer meanwhile
+    fails our attach on its key whether or not we asked twice (the batch is redone).
     """
 
     def __init__(self, run: Run, sql: dict[str, str], *, lock: bool) -> None:
         self._run = run
         self._sql = sql
         self._merged_into = sql["merged_into_locked" if lock else "merged_into"]
+        self._owners: dict[tuple[str, str, str], str | None] = {}
 
     def _one(self, name: str, params: tuple[object, ...]) -> Any:
         row = self._run(self._sql[name], params).fetchone()
         return None if row is None else row[0]
 
     def owner(self, scope: str, identity: Identity) -> str | None:
-        owner: str | None = self._one("owner", (scope, identity.kind, identity.value))
-        return owner
+        key = (scope, identity.kind, identity.value)
+        if key not in self._owners:
+            self._owners[key] = self._one("owner", key)
+        return self._owners[key]
 
     def canonical(self, profile_id: str) -> str | None:
         current = profile_id
@@ -53,6 +60,7 @@ class PGGraph:
 
     def attach(self, scope: str, identity: Identity, profile_id: str) -> None:
         self._run(self._sql["attach"], (scope, identity.kind, identity.value, profile_id))
+        self._owners[(scope, identity.kind, identity.value)] = profile_id
 
     def merge(self, survivor: str, merged: str) -> None:
         self._run(self._sql["move_identities"], (survivor, merged))
@@ -61,6 +69,9 @@ class PGGraph:
         kept = ujson.loads(self._one("traits", (survivor,)))
         self._run(self._sql["set_traits"], (dumps({**gone, **kept}), survivor))
         self._run(self._sql["mark_merged"], (survivor, merged))
+        for key, owner in self._owners.items():  # as move_identities did
+            if owner == merged:
+                self._owners[key] = survivor
 
     def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
         current = ujson.loads(self._one("traits", (profile_id,)))
