@@ -10,7 +10,7 @@ import ujson
 
 from fp_collect.decoding import dumps
 from fp_collect.store.base import Identity
-from fp_collect.store.postgres.sql import Run
+from fp_collect.store.postgres.sql import Cursor, Run
 
 
 class PGGraph:
@@ -22,28 +22,33 @@ class PGGraph:
     One graph serves one event. The owner of each identity is asked once: resolution
     asks again before attaching, and an identity attached by another writer meanwhile
     fails our attach on its key whether or not we asked twice (the batch is redone).
+    Every statement goes through :meth:`_execute` (the group's graph writes some rows
+    late, and must write them before anything else is asked).
     """
 
     def __init__(self, run: Run, sql: dict[str, str], *, lock: bool) -> None:
         self._run = run
         self._sql = sql
-        self._merged_into = sql["merged_into_locked" if lock else "merged_into"]
-        self._owners: dict[tuple[str, str, str], str | None] = {}
+        self._merged_into = "merged_into_locked" if lock else "merged_into"
+        self.owners: dict[tuple[str, str, str], str | None] = {}
+
+    def _execute(self, name: str, params: tuple[object, ...]) -> Cursor:
+        return self._run(self._sql[name], params)
 
     def _one(self, name: str, params: tuple[object, ...]) -> Any:
-        row = self._run(self._sql[name], params).fetchone()
+        row = self._execute(name, params).fetchone()
         return None if row is None else row[0]
 
     def owner(self, scope: str, identity: Identity) -> str | None:
         key = (scope, identity.kind, identity.value)
-        if key not in self._owners:
-            self._owners[key] = self._one("owner", key)
-        return self._owners[key]
+        if key not in self.owners:
+            self.owners[key] = self._one("owner", key)
+        return self.owners[key]
 
     def canonical(self, profile_id: str) -> str | None:
         current = profile_id
         for _ in range(1000):  # merge chains are short; a cycle would be a bug
-            row = self._run(self._merged_into, (current,)).fetchone()
+            row = self._execute(self._merged_into, (current,)).fetchone()
             if row is None:
                 return None
             if row[0] is None:
@@ -56,29 +61,29 @@ class PGGraph:
         return created
 
     def create_profile(self, profile_id: str, scope: str, at: float) -> None:
-        self._run(self._sql["create_profile"], (profile_id, scope, at))
+        self._execute("create_profile", (profile_id, scope, at))
 
     def attach(self, scope: str, identity: Identity, profile_id: str) -> None:
-        self._run(self._sql["attach"], (scope, identity.kind, identity.value, profile_id))
-        self._owners[(scope, identity.kind, identity.value)] = profile_id
+        self._execute("attach", (scope, identity.kind, identity.value, profile_id))
+        self.owners[(scope, identity.kind, identity.value)] = profile_id
 
     def merge(self, survivor: str, merged: str) -> None:
-        self._run(self._sql["move_identities"], (survivor, merged))
-        self._run(self._sql["move_sessions"], (survivor, merged))
+        self._execute("move_identities", (survivor, merged))
+        self._execute("move_sessions", (survivor, merged))
         gone = ujson.loads(self._one("traits", (merged,)))
         kept = ujson.loads(self._one("traits", (survivor,)))
-        self._run(self._sql["set_traits"], (dumps({**gone, **kept}), survivor))
-        self._run(self._sql["mark_merged"], (survivor, merged))
-        for key, owner in self._owners.items():  # as move_identities did
+        self._execute("set_traits", (dumps({**gone, **kept}), survivor))
+        self._execute("mark_merged", (survivor, merged))
+        for key, owner in self.owners.items():  # as move_identities did
             if owner == merged:
-                self._owners[key] = survivor
+                self.owners[key] = survivor
 
     def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
         current = ujson.loads(self._one("traits", (profile_id,)))
-        self._run(self._sql["set_traits"], (dumps({**current, **traits}), profile_id))
+        self._execute("set_traits", (dumps({**current, **traits}), profile_id))
 
     def latest_session(self, profile_id: str) -> tuple[str, float] | None:
-        row = self._run(self._sql["latest_session"], (profile_id,)).fetchone()
+        row = self._execute("latest_session", (profile_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
     def session_owner(self, session_id: str) -> str | None:
@@ -86,7 +91,7 @@ class PGGraph:
         return owner
 
     def start_session(self, session_id: str, profile_id: str, at: float) -> None:
-        self._run(self._sql["start_session"], (session_id, profile_id, at, at))
+        self._execute("start_session", (session_id, profile_id, at, at))
 
     def touch_session(self, session_id: str, at: float) -> None:
-        self._run(self._sql["touch_session"], (at, session_id))
+        self._execute("touch_session", (at, session_id))

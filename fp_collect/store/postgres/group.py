@@ -28,8 +28,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import ujson
-
 from fp_collect.decoding import dumps
 from fp_collect.store.base import (
     DUPLICATE,
@@ -43,6 +41,7 @@ from fp_collect.store.base import (
     refused_records,
 )
 from fp_collect.store.identity import resolve_profile, resolve_session
+from fp_collect.store.postgres.graph import PGGraph
 from fp_collect.store.postgres.sql import Connection, Cursor
 from fp_collect.store.postgres.text import json_rows
 from fp_collect.store.postgres.watchdog import Watch
@@ -266,22 +265,21 @@ def event_row(
     )  # fmt: skip
 
 
-class _GroupGraph:
+class _GroupGraph(PGGraph):
     """The identity primitives over the group's lookups, inside its transaction.
 
     What the lookups found is remembered and kept current by our own changes: the owner
     of every identity the group names, the profiles found unmerged (locked), and their
-    latest sessions. New profiles, identities and sessions, and session touches, are
-    kept back and written in one statement each: by :meth:`pending` with the rest of the
-    group, or by :meth:`_flush` before any other statement of the graph, so that every
-    query sees them. Anything not remembered is asked with a statement of its own, as
-    the batch-at-a-time path's graph would (merges, traits, named sessions).
+    latest sessions. New profiles and identities, and sessions started or seen again,
+    are kept back and written in one statement each: by :meth:`pending` with the rest
+    of the group, or before any other statement of the graph, so that every query sees
+    them. Anything not remembered is asked with a statement of its own, as the
+    batch-at-a-time path's graph asks it (merges, traits, named sessions).
     """
 
     def __init__(self, link: Link, sql: dict[str, str]) -> None:
+        super().__init__(link.run, sql, lock=True)
         self._link = link
-        self._sql = sql
-        self.owners: dict[_IdentityKey, str | None] = {}
         # Profile -> the surviving profile it leads to, locked by this transaction.
         self.canonicals: dict[str, str] = {}
         # Each locked profile's latest session (id, last seen), None when it has none;
@@ -309,40 +307,17 @@ class _GroupGraph:
             self._sessions.clear()
         return statements
 
-    def _flush(self) -> None:
+    def _execute(self, name: str, params: tuple[object, ...]) -> Cursor:
         self._link.pipeline([statement for statement, _ in self.pending()])
-
-    def _one(self, name: str, params: tuple[object, ...]) -> Any:
-        self._flush()
-        row = self._link.run(self._sql[name], params).fetchone()
-        return None if row is None else row[0]
-
-    def owner(self, scope: str, identity: Identity) -> str | None:
-        key = (scope, identity.kind, identity.value)
-        if key not in self.owners:
-            self.owners[key] = self._one("owner", key)
-        return self.owners[key]
+        return super()._execute(name, params)
 
     def canonical(self, profile_id: str) -> str | None:
-        if profile_id in self.canonicals:
-            return self.canonicals[profile_id]
-        current = profile_id
-        for _ in range(1000):  # merge chains are short; a cycle would be a bug
-            self._flush()
-            row = self._link.run(self._sql["merged_into_locked"], (current,)).fetchone()
-            if row is None:
+        if profile_id not in self.canonicals:
+            canonical = super().canonical(profile_id)  # locked now
+            if canonical is None:
                 return None
-            if row[0] is None:
-                self.canonicals[current] = current
-                if current != profile_id:
-                    self.canonicals[profile_id] = current
-                return current
-            current = row[0]
-        raise RuntimeError(f"profile {profile_id!r}: merge chain too long")
-
-    def created_at(self, profile_id: str) -> float:
-        created: float = self._one("created_at", (profile_id,))
-        return created
+            self.canonicals[profile_id] = self.canonicals[canonical] = canonical
+        return self.canonicals[profile_id]
 
     def create_profile(self, profile_id: str, scope: str, at: float) -> None:
         self._new_profiles.append((profile_id, scope, at))
@@ -355,19 +330,9 @@ class _GroupGraph:
         self.owners[key] = profile_id
 
     def merge(self, survivor: str, merged: str) -> None:
-        self._flush()
-        run, sql = self._link.run, self._sql
-        run(sql["move_identities"], (survivor, merged))
-        run(sql["move_sessions"], (survivor, merged))
-        gone = ujson.loads(self._one("traits", (merged,)))
-        kept = ujson.loads(self._one("traits", (survivor,)))
-        run(sql["set_traits"], (dumps({**gone, **kept}), survivor))
-        run(sql["mark_merged"], (survivor, merged))
-        # As the UPDATEs above did: what named or led to the merged profile now leads
-        # to the survivor, whose latest session may now be one of the merged profile's.
-        for identity, owner in self.owners.items():
-            if owner == merged:
-                self.owners[identity] = survivor
+        super().merge(survivor, merged)
+        # As the UPDATEs did: what led to the merged profile now leads to the survivor,
+        # whose latest session may now be one of the merged profile's.
         for profile_id, canonical in self.canonicals.items():
             if canonical == merged:
                 self.canonicals[profile_id] = survivor
@@ -377,15 +342,9 @@ class _GroupGraph:
         self.latest.pop(survivor, None)
         self.latest.pop(merged, None)
 
-    def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
-        current = ujson.loads(self._one("traits", (profile_id,)))
-        self._link.run(self._sql["set_traits"], (dumps({**current, **traits}), profile_id))
-
     def latest_session(self, profile_id: str) -> tuple[str, float] | None:
         if profile_id not in self.latest:
-            self._flush()
-            row = self._link.run(self._sql["latest_session"], (profile_id,)).fetchone()
-            self.remember_latest(profile_id, None if row is None else (row[0], row[1]))
+            self.remember_latest(profile_id, super().latest_session(profile_id))
         return self.latest[profile_id]
 
     def remember_latest(self, profile_id: str, latest: tuple[str, float] | None) -> None:
@@ -394,7 +353,7 @@ class _GroupGraph:
             self._session_profiles[latest[0]] = profile_id
 
     def session_owner(self, session_id: str) -> str | None:
-        owner: str | None = self._one("session_owner", (session_id,))
+        owner = super().session_owner(session_id)
         if owner is not None:
             self._session_profiles[session_id] = owner
         return owner
