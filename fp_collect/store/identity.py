@@ -12,7 +12,15 @@ import os
 import time
 from typing import Protocol
 
-from fp_collect.store.base import Identity, IdentityOp, SessionOp
+from fp_collect.store.base import (
+    STORED,
+    UNKNOWN_USER,
+    EventRecord,
+    Identity,
+    IdentityOp,
+    Outcome,
+    SessionOp,
+)
 
 
 class IdentityGraph(Protocol):
@@ -79,6 +87,21 @@ def new_id(prefix: str) -> str:
     else:
         now = _last_ms
     return f"{prefix}{now:012X}{os.urandom(9).hex().upper()}"
+
+
+def resolve_event(graph: IdentityGraph, event: EventRecord) -> Outcome:
+    """Who ``event`` belongs to, as the outcome of storing it: its profile and session
+    (resolved, created or merged in ``graph``), none when it names nobody, or
+    UNKNOWN_USER when its profile had to exist and does not."""
+    if event.identity is None:
+        return STORED
+    profile_id = resolve_profile(graph, event.identity)
+    if profile_id is None:
+        return UNKNOWN_USER
+    session_id = None
+    if event.session is not None:
+        session_id = resolve_session(graph, event.session, profile_id)
+    return Outcome(True, None, profile_id, session_id)
 
 
 def resolve_profile(graph: IdentityGraph, op: IdentityOp) -> str | None:

@@ -9,9 +9,6 @@ from itertools import islice
 
 from fp_collect.errors import StoreUnavailable
 from fp_collect.store.base import (
-    DUPLICATE,
-    STORED,
-    UNKNOWN_USER,
     Batch,
     Commit,
     EventRecord,
@@ -23,16 +20,10 @@ from fp_collect.store.base import (
     StoredEvent,
     StoredProfile,
     StoredRejection,
-    claim_is_held,
     refused_record,
     resolved,
 )
-from fp_collect.store.identity import resolve_profile, resolve_session
-
-
-@dataclass(slots=True)
-class _ClaimState:
-    until: float | None
+from fp_collect.store.decide import decide
 
 
 @dataclass(slots=True)
@@ -122,7 +113,8 @@ class MemoryStore(Store):
         self._events: list[StoredEvent] = []
         self._rejections: list[StoredRejection] = []
         self._message_ids: set[tuple[str, str]] = set()
-        self._claims: dict[tuple[str, str, str], _ClaimState] = {}
+        # The until of every claim taken (see decide).
+        self._claims: dict[tuple[str, str, str], float | None] = {}
         self._closed = False
         self._graph = _Graph()
 
@@ -136,27 +128,10 @@ class MemoryStore(Store):
         return resolved(outcomes)
 
     def _apply_event(self, event: EventRecord) -> Outcome:
-        dedup_key = (event.source_id, event.message_id)
-        if dedup_key in self._message_ids:
-            self._reject_event(event, DUPLICATE)
-            return DUPLICATE
-        for claim in event.claims:
-            state = self._claims.get((event.source_id, claim.kind, claim.key))
-            if state is not None and claim_is_held(state.until, claim.at):
-                outcome = Outcome(False, claim.kind)
-                self._reject_event(event, outcome)
-                return outcome
-        profile_id = session_id = None
-        if event.identity is not None:
-            profile_id = resolve_profile(self._graph, event.identity)
-            if profile_id is None:
-                self._reject_event(event, UNKNOWN_USER)
-                return UNKNOWN_USER
-            if event.session is not None:
-                session_id = resolve_session(self._graph, event.session, profile_id)
-        for claim in event.claims:
-            self._claims[(event.source_id, claim.kind, claim.key)] = _ClaimState(claim.until)
-        self._message_ids.add(dedup_key)
+        outcome = decide(event, self._message_ids, self._claims, self._graph)
+        if not outcome.stored:
+            self._reject_event(event, outcome)
+            return outcome
         self._events.append(
             StoredEvent(
                 id=len(self._events) + 1,
@@ -169,12 +144,12 @@ class MemoryStore(Store):
                 timestamp=event.timestamp,
                 received_at=event.received_at,
                 payload=event.payload,
-                profile_id=profile_id,
-                session_id=session_id,
+                profile_id=outcome.profile_id,
+                session_id=outcome.session_id,
                 warnings=event.warnings,
             )
         )
-        return STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
+        return outcome
 
     def _reject_event(self, event: EventRecord, outcome: Outcome) -> None:
         self._add_rejection(refused_record(event, outcome))

@@ -54,8 +54,6 @@ from fp_collect.decoding import dumps
 from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store.base import (
     DUPLICATE,
-    STORED,
-    UNKNOWN_USER,
     Batch,
     Commit,
     EventRecord,
@@ -71,7 +69,8 @@ from fp_collect.store.base import (
     claim_is_held,
     refused_records,
 )
-from fp_collect.store.identity import resolve_profile, resolve_session
+from fp_collect.store.decide import decide
+from fp_collect.store.identity import resolve_event
 
 SCHEMA_VERSION = 4
 MAX_GROUP = 512
@@ -369,39 +368,13 @@ class SQLiteStore(Store):
         The same decisions as :meth:`_apply_event`, in the same order, from ``known``,
         which gains each message id and claim written here.
         """
-        outcomes: list[Outcome] = []
-        stored, held = known.stored, known.claims
+        outcomes = []
         for event in batch.events:
-            source_id = event.source_id
-            blocked_by: str | None = None
-            for claim in event.claims:
-                claim_key = (source_id, claim.kind, claim.key)
-                if claim_key in held and claim_is_held(held[claim_key], claim.at):
-                    blocked_by = claim.kind
-                    break
-            key = (source_id, event.message_id)
-            if key in stored:  # a duplicate is one even when its claim is also held
-                outcomes.append(DUPLICATE)
-                continue
-            if blocked_by is not None:
-                outcomes.append(Outcome(False, blocked_by))
-                continue
-            profile_id = session_id = None
-            if event.identity is not None:
-                profile_id = resolve_profile(graph, event.identity)
-                if profile_id is None:
-                    outcomes.append(UNKNOWN_USER)
-                    continue
-                if event.session is not None:
-                    session_id = resolve_session(graph, event.session, profile_id)
-            stored.add(key)
-            rows.events.append(_event_row(event, profile_id, session_id))
-            for claim in event.claims:
-                held[(source_id, claim.kind, claim.key)] = claim.until
-                rows.claims.append((source_id, claim.kind, claim.key, claim.until))
-            outcomes.append(
-                STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
-            )
+            outcome = decide(event, known.stored, known.claims, graph)
+            if outcome.stored:
+                rows.events.append(_event_row(event, outcome.profile_id, outcome.session_id))
+                rows.claims += [(event.source_id, c.kind, c.key, c.until) for c in event.claims]
+            outcomes.append(outcome)
         self._record_refused(conn, batch, outcomes)
         return outcomes
 
@@ -447,21 +420,17 @@ class SQLiteStore(Store):
                 return DUPLICATE
             if blocked_by is not None:
                 return Outcome(False, blocked_by)
-        profile_id = session_id = None
-        if event.identity is not None:
-            profile_id = resolve_profile(graph, event.identity)
-            if profile_id is None:
-                return UNKNOWN_USER
-            if event.session is not None:
-                session_id = resolve_session(graph, event.session, profile_id)
-        inserted = conn.execute(_INSERT_EVENT, _event_row(event, profile_id, session_id)).rowcount
-        if not inserted:
+        outcome = resolve_event(graph, event)
+        if not outcome.stored:
+            return outcome
+        row = _event_row(event, outcome.profile_id, outcome.session_id)
+        if not conn.execute(_INSERT_EVENT, row).rowcount:
             return DUPLICATE
         if event.claims:
             conn.executemany(
                 _UPSERT_CLAIM, [(event.source_id, c.kind, c.key, c.until) for c in event.claims]
             )
-        return STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
+        return outcome
 
     # -- reading -------------------------------------------------------------------------
 

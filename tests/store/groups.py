@@ -5,6 +5,7 @@ every store with a writer thread must pass."""
 
 from __future__ import annotations
 
+import random
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -199,3 +200,37 @@ def writers_of_lone_commits(
     finally:
         store._commit_group = original
     return writers
+
+
+def race_on_a_few_visitors(stores: list[Any], threads: int = 6, rounds: int = 30) -> Counter[str]:
+    """Several writers (``stores``, each used by ``threads / len(stores)`` threads) send
+    small batches on a handful of visitors: merges, sessions and repeated messageIds
+    all conflicting; odd rounds call commit(), even ones submit(). The messageIds the
+    stores answered as stored, counted (each must be 1)."""
+
+    def send(store: Any, thread: int) -> list[tuple[str, Outcome]]:
+        rng = random.Random(thread)
+        done: list[tuple[str, Outcome]] = []
+        for i in range(rounds):
+            events = []
+            for k in range(rng.randint(1, 3)):
+                at = float(rng.randint(0, 8) * 1000)
+                op = IdentityOp(
+                    scope="ws",
+                    at=at,
+                    identities=tuple(rng.sample(POOL, rng.randint(1, 2))),
+                    merge=rng.random() < 0.3,
+                    new_profile_id=f"PR-{thread}-{i}-{k}",
+                    traits={"t": thread},
+                )
+                session = SessionOp(at, 1800.0, f"SE-{thread}-{i}-{k}")
+                events.append(event(f"m{rng.randint(0, 60)}", identity=op, session=session))
+            batch = Batch(events=events)
+            outcomes = store.commit(batch, 60) if i % 2 else store.submit(batch).result(60)
+            done += zip((e.message_id for e in events), outcomes, strict=True)
+        return done
+
+    with ThreadPoolExecutor(threads) as pool:
+        writers = [stores[n % len(stores)] for n in range(threads)]
+        sent = list(pool.map(send, writers, range(threads)))
+    return Counter(m for results in sent for m, outcome in results if outcome.stored)

@@ -5,11 +5,9 @@ stay exact when several writers race on the same people."""
 
 from __future__ import annotations
 
-import random
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 from unittest import mock
@@ -19,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fp_collect.store import Batch, EventRecord, Outcome
+from fp_collect.store import Batch, EventRecord
 from fp_collect.store.base import Identity, IdentityOp, SessionOp
 from fp_collect.store.memory import MemoryStore
 from fp_collect.store.postgres import PostgresStore
@@ -27,11 +25,11 @@ from fp_collect.store.postgres.group import Link
 
 from .conftest import drop_schema, with_query
 from .groups import (
-    POOL,
     assert_stored_as_memory,
     event,
     held_writer,
     offered_ids_of_batch,
+    race_on_a_few_visitors,
     random_events,
 )
 
@@ -142,40 +140,12 @@ def test_racing_writers_keep_profiles_identities_and_sessions_consistent(
     through both the set-wise path and its fallback. Each messageId is stored once,
     every identity and session belongs to a live profile, and every event's profile
     exists."""
-
-    def send(store: PostgresStore, thread: int) -> list[tuple[str, Outcome]]:
-        rng = random.Random(thread)
-        done: list[tuple[str, Outcome]] = []
-        for i in range(30):
-            events = []
-            for k in range(rng.randint(1, 3)):
-                at = float(rng.randint(0, 8) * 1000)
-                op = IdentityOp(
-                    scope="ws",
-                    at=at,
-                    identities=tuple(rng.sample(POOL, rng.randint(1, 2))),
-                    merge=rng.random() < 0.3,
-                    new_profile_id=f"PR-{thread}-{i}-{k}",
-                    traits={"t": thread},
-                )
-                session = SessionOp(at, 1800.0, f"SE-{thread}-{i}-{k}")
-                events.append(event(f"m{rng.randint(0, 60)}", identity=op, session=session))
-            batch = Batch(events=events)
-            if i % 2:
-                outcomes = store.commit(batch, TIMEOUT)
-            else:
-                outcomes = store.submit(batch).result(TIMEOUT)
-            done += zip((e.message_id for e in events), outcomes, strict=True)
-        return done
-
     stores = [PostgresStore(pg_url) for _ in range(3)]
     try:
-        with ThreadPoolExecutor(6) as pool:
-            sent = list(pool.map(send, stores * 2, range(6)))
+        stored = race_on_a_few_visitors(stores)
     finally:
         for store in stores:
             store.close()
-    stored = Counter(m for results in sent for m, outcome in results if outcome.stored)
     with PostgresStore(pg_url) as store:
         rows = list(store.events())
         assert Counter(row.message_id for row in rows) == stored == Counter(set(stored))

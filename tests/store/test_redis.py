@@ -6,14 +6,12 @@ from __future__ import annotations
 import http.client
 import json
 import multiprocessing
-import random
 import socket
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -45,11 +43,11 @@ from fp_collect.store.redis_streams import RedisStore
 
 from .conftest import redis_prefix
 from .groups import (
-    POOL,
     THREAD_IDS,
     assert_stored_as_memory,
     held_writer,
     offered_ids_of_batch,
+    race_on_a_few_visitors,
     random_events,
     stored_by_threads,
     writers_of_lone_commits,
@@ -468,36 +466,12 @@ def test_racing_writers_keep_every_index_consistent(url: str) -> None:
     """Three stores (three writers) in six threads, on a handful of visitors: merges,
     sessions and repeated messageIds all conflicting. Whatever the interleaving, each
     messageId is stored once and the indexes agree with each other."""
-
-    def send(store: RedisStore, thread: int) -> list[tuple[str, Outcome]]:
-        rng = random.Random(thread)
-        done: list[tuple[str, Outcome]] = []
-        for i in range(40):
-            events = []
-            for k in range(rng.randint(1, 3)):
-                at = float(rng.randint(0, 8) * 1000)
-                op = visitor(
-                    *rng.sample(POOL, rng.randint(1, 2)),
-                    at=at,
-                    merge=rng.random() < 0.3,
-                    new_profile_id=f"PR-{thread}-{i}-{k}",
-                    traits={"t": thread},
-                )
-                session = SessionOp(at, 1800.0, f"SE-{thread}-{i}-{k}")
-                message_id = f"m{rng.randint(0, 60)}"
-                events.append(event(message_id, identity=op, session=session))
-            outcomes = store.commit(Batch(events=events), TIMEOUT)
-            done += zip((e.message_id for e in events), outcomes, strict=True)
-        return done
-
     stores = [RedisStore(url) for _ in range(3)]
     try:
-        with ThreadPoolExecutor(6) as pool:
-            sent = list(pool.map(send, stores * 2, range(6)))
+        stored = race_on_a_few_visitors(stores, rounds=40)
     finally:
         for store in stores:
             store.close()
-    stored = Counter(m for results in sent for m, outcome in results if outcome.stored)
     with RedisStore(url) as store:
         assert Counter(stored_ids(store)) == stored == Counter(set(stored))
         for row in store.events():

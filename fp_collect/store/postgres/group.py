@@ -30,17 +30,13 @@ from typing import Any
 
 from fp_collect.decoding import dumps
 from fp_collect.store.base import (
-    DUPLICATE,
-    STORED,
-    UNKNOWN_USER,
     Batch,
     EventRecord,
     Identity,
     Outcome,
-    claim_is_held,
     refused_records,
 )
-from fp_collect.store.identity import resolve_profile, resolve_session
+from fp_collect.store.decide import decide
 from fp_collect.store.postgres.graph import PGGraph
 from fp_collect.store.postgres.sql import Connection, Cursor
 from fp_collect.store.postgres.text import json_rows
@@ -184,41 +180,16 @@ def _look_up(link: Link, sql: dict[str, str], lookups: _Lookups) -> tuple[_Known
 def _decide(batch: Batch, known: _Known, graph: _GroupGraph, rows: _Rows) -> list[Outcome]:
     """The batch-at-a-time path's decisions for ``batch``, in the same order, from what
     is ``known``; what is to be written goes to ``rows`` (and the graph)."""
-    outcomes: list[Outcome] = []
-    stored, held = known.stored, known.claims
+    outcomes = []
     for event in batch.events:
-        source_id = event.source_id
-        blocked_by: str | None = None
-        for claim in event.claims:
-            claim_key = (source_id, claim.kind, claim.key)
-            if claim_key in held and claim_is_held(held[claim_key], claim.at):
-                blocked_by = claim.kind
-                break
-        key = (source_id, event.message_id)
-        if key in stored:  # a duplicate is one even when its claim is also held
-            outcomes.append(DUPLICATE)
-            continue
-        if blocked_by is not None:
-            outcomes.append(Outcome(False, blocked_by))
-            continue
-        profile_id = session_id = None
-        if event.identity is not None:
-            profile_id = resolve_profile(graph, event.identity)
-            if profile_id is None:
-                outcomes.append(UNKNOWN_USER)
-                continue
-            if event.session is not None:
-                session_id = resolve_session(graph, event.session, profile_id)
-        stored.add(key)
-        rows.events.append(event_row(event, profile_id, session_id))
-        for claim in event.claims:
-            claim_key = (source_id, claim.kind, claim.key)
-            held[claim_key] = claim.until
-            target = rows.renewed_claims if claim_key in known.claim_rows else rows.new_claims
-            target[claim_key] = claim.until
-        outcomes.append(
-            STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
-        )
+        outcome = decide(event, known.stored, known.claims, graph)
+        if outcome.stored:
+            rows.events.append(event_row(event, outcome.profile_id, outcome.session_id))
+            for claim in event.claims:
+                key = (event.source_id, claim.kind, claim.key)
+                taken = rows.renewed_claims if key in known.claim_rows else rows.new_claims
+                taken[key] = claim.until
+        outcomes.append(outcome)
     for r in (*refused_records(batch, outcomes), *batch.rejections):
         rows.rejections.append(
             (r.source_id, r.reason, r.message, r.received_at, r.endpoint, r.payload, r.index,

@@ -18,7 +18,6 @@ from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store.base import (
     DUPLICATE,
     STORED,
-    UNKNOWN_USER,
     Batch,
     Commit,
     EventRecord,
@@ -34,7 +33,7 @@ from fp_collect.store.base import (
     logger,
     refused_records,
 )
-from fp_collect.store.identity import resolve_profile, resolve_session
+from fp_collect.store.identity import resolve_event
 from fp_collect.store.postgres.graph import PGGraph
 from fp_collect.store.postgres.group import GroupRaced, Link, event_row, write_group
 from fp_collect.store.postgres.options import parse_url
@@ -488,23 +487,19 @@ class PostgresStore(Store):
                 # Held by a transaction that committed while we waited: if it stored
                 # this very message, the event is a duplicate, as it is everywhere.
                 return DUPLICATE if self._is_stored(run, event) else Outcome(False, claim.kind)
-        profile_id = session_id = None
-        if event.identity is not None:
-            graph = PGGraph(run, sql, lock=True)
-            profile_id = resolve_profile(graph, event.identity)
-            if profile_id is None:
-                self._undo(run, undo)
-                return UNKNOWN_USER
-            if event.session is not None:
-                session_id = resolve_session(graph, event.session, profile_id)
-        inserted = run(sql["insert_event"], event_row(event, profile_id, session_id))
+        outcome = resolve_event(PGGraph(run, sql, lock=True), event)
+        if not outcome.stored:
+            self._undo(run, undo)
+            return outcome
+        row = event_row(event, outcome.profile_id, outcome.session_id)
+        inserted = run(sql["insert_event"], row)
         if inserted.fetchone() is None:
             # Another transaction stored this message after our check: undo everything
             # this batch did and redo it, when the check will see that copy.
             raise _Race(f"message {event.message_id!r} was stored meanwhile")
         if undo:
             run("RELEASE SAVEPOINT event", ())
-        return STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
+        return outcome
 
     def _is_stored(self, run: Run, event: EventRecord) -> bool:
         found = run(self._sql["is_stored"], (event.source_id, event.message_id)).fetchone()

@@ -21,8 +21,6 @@ from redis.retry import Retry
 from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store.base import (
     DUPLICATE,
-    STORED,
-    UNKNOWN_USER,
     Batch,
     Commit,
     EventRecord,
@@ -38,7 +36,7 @@ from fp_collect.store.base import (
     claim_is_held,
     refused_records,
 )
-from fp_collect.store.identity import resolve_profile, resolve_session
+from fp_collect.store.identity import resolve_event
 from fp_collect.store.redis_streams.keys import (
     Cell,
     Keys,
@@ -295,13 +293,9 @@ class RedisStore(Store):
             held = tx.read(("g", key, ""))
             if held is not None and claim_is_held(float(held) if held else None, claim.at):
                 return Outcome(False, claim.kind)
-        profile_id = session_id = None
-        if event.identity is not None:
-            profile_id = resolve_profile(graph, event.identity)
-            if profile_id is None:
-                return UNKNOWN_USER
-            if event.session is not None:
-                session_id = resolve_session(graph, event.session, profile_id)
+        outcome = resolve_event(graph, event)
+        if not outcome.stored:
+            return outcome
         for claim, key in zip(event.claims, claim_keys, strict=True):
             if claim.until is None or not math.isfinite(claim.until):
                 tx.set(key, "", None)
@@ -314,9 +308,9 @@ class RedisStore(Store):
         tx.append(
             (keys.event_ids, keys.events(event.source_id), messages),
             (event.message_id,),
-            event_fields(event, profile_id, session_id),
+            event_fields(event, outcome.profile_id, outcome.session_id),
         )
-        return STORED if profile_id is None else Outcome(True, None, profile_id, session_id)
+        return outcome
 
     # -- reading -------------------------------------------------------------------------
 
