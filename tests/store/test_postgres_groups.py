@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fp_collect.store import Batch, EventRecord
+from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord
 from fp_collect.store.base import Identity, IdentityOp, SessionOp
 from fp_collect.store.memory import MemoryStore
 from fp_collect.store.postgres import PostgresStore
@@ -32,6 +32,7 @@ from .groups import (
     race_on_a_few_visitors,
     random_events,
 )
+from .test_postgres import uncommitted, wait_until_blocked
 
 TIMEOUT = 60  # only guards against a hang; nothing here asserts on time
 
@@ -162,3 +163,66 @@ def test_racing_writers_keep_profiles_identities_and_sessions_consistent(
             f" WHERE NOT EXISTS (SELECT 1 FROM {s}.profiles p WHERE p.id = i.profile_id)"
         ).fetchall()
     assert orphans == []
+
+
+# -- what another writer commits while the group waits for it -------------------------------
+
+
+def test_a_message_stored_by_the_writer_we_waited_for_is_a_duplicate(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    """Another writer renews an expired claim and stores m1 under it; the group waits for
+    that claim's row. Once it commits, m1 is a duplicate (as batch at a time says),
+    not an event refused for its claim: what the group looks up after its locks sees
+    all that the writer it waited for did."""
+    open_email = Claim("email_open", "e", at=0.0, until=5.0)
+    again = Claim("email_open", "e", at=10.0, until=1010.0)
+    with PostgresStore(pg_url) as store:
+        store.commit(Batch(events=[event("m0", claims=(open_email,))]), TIMEOUT)
+        with uncommitted(
+            postgres_dsn, pg_schema,
+            "UPDATE {s}.claims SET until = 1010",
+            "INSERT INTO {s}.events (source_id, message_id, type, timestamp, received_at,"
+            " payload) VALUES ('src', 'm1', 'track', '', '', '{}')",
+        ):  # fmt: skip
+            future = store.submit(Batch(events=[event("m1", claims=(again,)), event("m2")]))
+            wait_until_blocked(postgres_dsn, pg_schema)
+        assert future.result(TIMEOUT) == [DUPLICATE, STORED]
+        assert store.redone_groups == 0
+
+
+def test_a_named_session_started_meanwhile_by_someone_else_is_not_taken_over(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    """The group starts named session SX for visitor a-1 while another writer starts SX
+    for its own visitor. Their SX stays theirs; our event joins it (as a named session
+    is joined), and our next event starts a session of our visitor's own instead of
+    following theirs."""
+
+    def visit(at: float, **session: Any) -> EventRecord:
+        identity = IdentityOp(scope="ws", at=at, identities=(Identity("anonymous_id", "a-1"),))
+        return event(f"m{at:g}", identity=identity, session=SessionOp(at, 1800.0, **session))
+
+    with PostgresStore(pg_url) as store:
+        [first] = store.commit(Batch(events=[visit(0.0, new_session_id="SE-0")]), TIMEOUT)
+        with uncommitted(
+            postgres_dsn, pg_schema,
+            "INSERT INTO {s}.profiles VALUES ('Q', 'ws', 50, '{}', NULL)",
+            "INSERT INTO {s}.sessions VALUES ('SX', 'Q', 50, 50)",
+        ) as theirs:  # fmt: skip
+            future = store.submit(
+                Batch(events=[visit(4000.0, session_id="SX"), visit(4010.0, new_session_id="SE-2")])
+            )
+            wait_until_blocked(postgres_dsn, pg_schema)
+            theirs.commit()
+        named, after = future.result(TIMEOUT)
+        assert (named.profile_id, named.session_id) == (first.profile_id, "SX")
+        assert (after.profile_id, after.session_id) == (first.profile_id, "SE-2")
+        assert store.redone_groups == 1  # the set-wise start met theirs on the key
+    sessions = dict(rows_of(postgres_dsn, pg_schema, "SELECT id, profile_id FROM {s}.sessions"))
+    assert sessions == {"SE-0": first.profile_id, "SX": "Q", "SE-2": first.profile_id}
+
+
+def rows_of(dsn: str, schema: str, sql: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql.replace("{s}", f'"{schema}"')).fetchall()

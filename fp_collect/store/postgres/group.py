@@ -2,20 +2,22 @@
 
 Done batch at a time, each event costs about six statements, each a round trip
 (is it stored? who owns its identity? lock the profile; the claim; the insert...).
-Here the group's questions are asked at once, in one pipeline: which of its message
-ids are stored, which of its claims are held (rows locked), who owns its identities
-and which profiles they lead to (rows locked, in id order), and their latest
-sessions. Every batch is then decided in Python, in order, as the batch-at-a-time
-path would decide it; and what was decided is written with one statement per table,
-in a second pipeline.
+Here the group's questions are asked at once, in one pipeline: which of its claims
+are held (rows locked), which profiles its identities lead to (rows locked, in id
+order), who owns those identities, which of its message ids are stored, and the
+profiles' latest sessions. The locks come first: each statement sees what was
+committed before it began, so what is looked up after them includes all that the
+writers we waited for did. Every batch is then decided in Python, in order, as the
+batch-at-a-time path would decide it; and what was decided is written with one
+statement per table, in a second pipeline.
 
 What other writers do between the lookups and the writes cannot change a decision
 unseen:
 
 * a profile or claim row found is locked until the group commits;
 * a message id stored meanwhile makes the events' INSERT insert fewer rows than
-  decided, a claim taken meanwhile the claims' INSERT, and an identity attached
-  meanwhile the identities' INSERT fail on its key.
+  decided, a claim taken meanwhile the claims' INSERT; and an identity attached, or a
+  named session started, meanwhile fails its INSERT on the key.
 
 Any such surprise raises :class:`GroupRaced`. Any failure at all makes the caller roll
 the group back and redo it batch at a time, where a race is retried and a bad batch
@@ -142,38 +144,41 @@ class _Known:
 def _look_up(link: Link, sql: dict[str, str], lookups: _Lookups) -> tuple[_Known, _GroupGraph]:
     identities = json_rows(lookups.identities)
     profiles_among = (json_rows([(profile_id,) for profile_id in lookups.profiles]), identities)
+    # Locks first: a statement sees what was committed before it began, so the lookups
+    # after the locks see all that the writers we waited for did (a message one of
+    # them stored while we waited for its claim is a duplicate, as batch at a time).
     statements: list[Statement] = []
-    if lookups.messages:
-        statements.append((sql["stored_among"], (json_rows(lookups.messages),)))
     if lookups.claims:
         statements.append((sql["lock_claims_among"], (json_rows(lookups.claims),)))
-    if lookups.identities:
-        statements.append((sql["owners_among"], (identities,)))
     if lookups.identities or lookups.profiles:
         statements.append((sql["lock_profiles_among"], profiles_among))
-        if lookups.sessions:
-            statements.append((sql["latest_sessions_among"], profiles_among))
-    cursors = iter(link.pipeline(statements))
-    stored: set[tuple[str, str]] = set()
+    if lookups.identities:
+        statements.append((sql["owners_among"], (identities,)))
     if lookups.messages:
-        stored = {(source_id, message_id) for source_id, message_id in next(cursors)}
+        statements.append((sql["stored_among"], (json_rows(lookups.messages),)))
+    if lookups.sessions and (lookups.identities or lookups.profiles):
+        statements.append((sql["latest_sessions_among"], profiles_among))
+    cursors = iter(link.pipeline(statements))
     held: dict[_ClaimKey, float | None] = {}
     if lookups.claims:
         held = {(source, kind, key): until for source, kind, key, until in next(cursors)}
     graph = _GroupGraph(link, sql)
-    if lookups.identities:
-        owners = {(scope, kind, value): owner for scope, kind, value, owner in next(cursors)}
-        for key in lookups.identities:
-            graph.owners[key] = owners.get(key)
     if lookups.identities or lookups.profiles:
         for profile_id, merged_into in next(cursors):
             if merged_into is None:
                 graph.canonicals[profile_id] = profile_id
-        if lookups.sessions:
-            found = {profile_id: (session, seen) for profile_id, session, seen in next(cursors)}
-            # Only the profiles locked above: no other writer can change their sessions.
-            for profile_id in graph.canonicals:
-                graph.remember_latest(profile_id, found.get(profile_id))
+    if lookups.identities:
+        owners = {(scope, kind, value): owner for scope, kind, value, owner in next(cursors)}
+        for key in lookups.identities:
+            graph.owners[key] = owners.get(key)
+    stored: set[tuple[str, str]] = set()
+    if lookups.messages:
+        stored = {(source_id, message_id) for source_id, message_id in next(cursors)}
+    if lookups.sessions and (lookups.identities or lookups.profiles):
+        found = {profile_id: (session, seen) for profile_id, session, seen in next(cursors)}
+        # Only the profiles locked above: no other writer can change their sessions.
+        for profile_id in graph.canonicals:
+            graph.remember_latest(profile_id, found.get(profile_id))
     return _Known(stored, held, frozenset(held)), graph
 
 
@@ -259,8 +264,11 @@ class _GroupGraph(PGGraph):
         self._session_profiles: dict[str, str] = {}
         self._new_profiles: list[tuple[str, str, float]] = []
         self._new_identities: list[tuple[str, str, str, str]] = []
-        # Sessions started or seen again: id -> [profile, started at, last seen].
-        self._sessions: dict[str, list[Any]] = {}
+        # Sessions started here: id -> [profile, started at, last seen]; inserted, so a
+        # named session another writer started meanwhile fails on its key.
+        self._new_sessions: dict[str, list[Any]] = {}
+        # Stored sessions seen again: id -> [profile, last seen].
+        self._touched: dict[str, list[Any]] = {}
 
     def pending(self) -> list[_Checked]:
         """The statements writing what was kept back (and forgetting it here)."""
@@ -272,10 +280,14 @@ class _GroupGraph(PGGraph):
             if rows:
                 statements.append(((self._sql[name], (json_rows(rows),)), None))
                 rows.clear()
-        if self._sessions:
-            sessions = [(session_id, *row) for session_id, row in self._sessions.items()]
-            statements.append(((self._sql["upsert_sessions"], (json_rows(sessions),)), None))
-            self._sessions.clear()
+        for name, sessions in (
+            ("insert_sessions", self._new_sessions),
+            ("touch_sessions", self._touched),
+        ):
+            if sessions:
+                rows = [(session_id, *row) for session_id, row in sessions.items()]
+                statements.append(((self._sql[name], (json_rows(rows),)), None))
+                sessions.clear()
         return statements
 
     def _execute(self, name: str, params: tuple[object, ...]) -> Cursor:
@@ -330,7 +342,7 @@ class _GroupGraph(PGGraph):
         return owner
 
     def start_session(self, session_id: str, profile_id: str, at: float) -> None:
-        self._sessions[session_id] = [profile_id, at, at]
+        self._new_sessions[session_id] = [profile_id, at, at]
         self._session_profiles[session_id] = profile_id
         self._seen(profile_id, session_id, at)
 
@@ -340,8 +352,12 @@ class _GroupGraph(PGGraph):
             # Never seen here (resolve_session touches only sessions it found), and its
             # profile is needed to write the touch as an upsert: give up this path.
             raise GroupRaced(f"session {session_id!r} touched before it was looked up")
-        row = self._sessions.setdefault(session_id, [profile_id, at, at])
-        row[2] = max(row[2], at)
+        if session_id in self._new_sessions:
+            row = self._new_sessions[session_id]
+            row[2] = max(row[2], at)
+        else:
+            row = self._touched.setdefault(session_id, [profile_id, at])
+            row[1] = max(row[1], at)
         self._seen(profile_id, session_id, at)
 
     def _seen(self, profile_id: str, session_id: str, at: float) -> None:

@@ -225,12 +225,18 @@ STATEMENTS = {
         " SELECT u.scope, u.kind, u.value, u.profile_id"
         f" FROM {_json_rows('scope', 'kind', 'value', 'profile_id')} u ORDER BY u.n"
     ),
-    # New sessions, and the last-seen time of those seen again (never set back): an
-    # upsert on the key, so that no join is planned.
-    "upsert_sessions": (
-        "INSERT INTO {s}.sessions AS s (id, profile_id, started_at, last_seen)"
+    "insert_sessions": (
+        "INSERT INTO {s}.sessions (id, profile_id, started_at, last_seen)"
         " SELECT u.id, u.profile_id, u.started_at, u.last_seen FROM "
         + _json_rows("id", "profile_id", "started_at float8", "last_seen float8")
+        + " u ORDER BY u.n"
+    ),
+    # The last-seen time of stored sessions seen again (never set back): an upsert on
+    # the key of rows that exist, so that no join is planned.
+    "touch_sessions": (
+        "INSERT INTO {s}.sessions AS s (id, profile_id, started_at, last_seen)"
+        " SELECT u.id, u.profile_id, u.last_seen, u.last_seen FROM "
+        + _json_rows("id", "profile_id", "last_seen float8")
         + " u ORDER BY u.n"
         " ON CONFLICT (id) DO UPDATE SET last_seen = greatest(s.last_seen, excluded.last_seen)"
     ),
