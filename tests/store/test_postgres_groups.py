@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fp_collect.errors import StoreUnavailable
 from fp_collect.store import DUPLICATE, STORED, Batch, Claim, EventRecord
 from fp_collect.store.base import Identity, IdentityOp, SessionOp
 from fp_collect.store.memory import MemoryStore
@@ -226,3 +227,57 @@ def test_a_named_session_started_meanwhile_by_someone_else_is_not_taken_over(
 def rows_of(dsn: str, schema: str, sql: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(sql.replace("{s}", f'"{schema}"')).fetchall()
+
+
+def test_what_a_writer_waited_for_while_deciding_did_is_seen(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    """The client still names profile X, merged into Y since: deciding its event waits
+    for Y's lock, held by a writer that attaches u-J to Y and stores M. The group's later
+    events were looked up before that wait; batch at a time, they would see that
+    writer's commit: the copy of M is a duplicate and the alias of u-J joins Y. The
+    group must not commit the older view (it is redone)."""
+
+    def op(at: float, *ids: Identity, **fields: Any) -> IdentityOp:
+        return IdentityOp(scope="ws", at=at, identities=ids, **fields)
+
+    u_y, a_x = Identity("user_id", "u-Y"), Identity("anonymous_id", "a-X")
+    u_j, u_new = Identity("user_id", "u-J"), Identity("user_id", "u-new")
+    with PostgresStore(pg_url) as store:
+        [y] = store.commit(Batch(events=[event("m0", identity=op(0.0, u_y))]), TIMEOUT)
+        [x] = store.commit(Batch(events=[event("m1", identity=op(1.0, a_x))]), TIMEOUT)
+        store.commit(Batch(events=[event("m2", identity=op(2.0, a_x, u_y, merge=True))]))
+        with uncommitted(
+            postgres_dsn, pg_schema,
+            f"SELECT 1 FROM {{s}}.profiles WHERE id = '{y.profile_id}' FOR NO KEY UPDATE",
+            f"INSERT INTO {{s}}.identities VALUES ('ws', 'user_id', 'u-J', '{y.profile_id}')",
+            "INSERT INTO {s}.events (source_id, message_id, type, timestamp, received_at,"
+            " payload) VALUES ('src', 'M', 'track', '', '', '{}')",
+        ):  # fmt: skip
+            group = [
+                event("m3", identity=op(3.0, profile_id=x.profile_id)),
+                event("M", identity=op(4.0, u_j, create=False)),
+                event("m5", identity=op(5.0, u_new, lookups=(u_j,), merge=True)),
+            ]
+            future = store.submit(Batch(events=group))
+            wait_until_blocked(postgres_dsn, pg_schema)
+        named, copy, alias = future.result(TIMEOUT)
+        assert named.profile_id == y.profile_id
+        assert copy == DUPLICATE
+        assert alias.profile_id == y.profile_id
+        assert store.redone_groups == 1
+
+
+def test_one_new_session_id_offered_twice_fails_as_batch_at_a_time(pg_url: str) -> None:
+    """Only tests and imports offer session ids; two new sessions under one id are the
+    caller's error, refused on the key rather than stored as one person's."""
+
+    def visit(anonymous_id: str) -> EventRecord:
+        identity = IdentityOp("ws", 100.0, (Identity("anonymous_id", anonymous_id),))
+        session = SessionOp(100.0, 1800.0, new_session_id="SE-x")
+        return event(f"m-{anonymous_id}", identity=identity, session=session)
+
+    with PostgresStore(pg_url) as store:
+        with pytest.raises(StoreUnavailable, match="after 5 attempts"):
+            store.commit(Batch(events=[visit("a-1"), visit("a-2")]), TIMEOUT)
+        assert list(store.events()) == []

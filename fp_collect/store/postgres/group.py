@@ -17,7 +17,9 @@ unseen:
 * a profile or claim row found is locked until the group commits;
 * a message id stored meanwhile makes the events' INSERT insert fewer rows than
   decided, a claim taken meanwhile the claims' INSERT; and an identity attached, or a
-  named session started, meanwhile fails its INSERT on the key.
+  named session started, meanwhile fails its INSERT on the key;
+* what the group took as absent and did not write itself (a refused event's message,
+  an identity nobody owned) is asked again at write time, all locks held.
 
 Any such surprise raises :class:`GroupRaced`. Any failure at all makes the caller roll
 the group back and redo it batch at a time, where a race is retried and a bad batch
@@ -32,6 +34,7 @@ from typing import Any
 
 from fp_collect.decoding import dumps
 from fp_collect.store.base import (
+    DUPLICATE,
     Batch,
     EventRecord,
     Identity,
@@ -89,12 +92,47 @@ def write_group(link: Link, sql: dict[str, str], batches: Sequence[Batch]) -> li
     known, graph = _look_up(link, sql, lookups)
     rows = _Rows()
     results = [_decide(batch, known, graph, rows) for batch in batches]
-    statements = graph.pending() + rows.statements(sql)
+    statements = _still_true(sql, batches, results, graph) + graph.pending()
+    statements += rows.statements(sql)
     cursors = link.pipeline([statement for statement, _ in statements])
     for cursor, (_, expected) in zip(cursors, statements, strict=True):
         if expected is not None and len(cursor.fetchall()) != expected:
             raise GroupRaced("a message id or claim was stored by another writer meanwhile")
     return results
+
+
+def _still_true(
+    sql: dict[str, str],
+    batches: Sequence[Batch],
+    results: Sequence[Sequence[Outcome]],
+    graph: _GroupGraph,
+) -> list[_Checked]:
+    """Statements that find nothing if what the group took as absent still is: the
+    messages it refused for another reason than being stored, and the identities it
+    relied on nobody owning (and did not attach itself).
+
+    The lookups ran after their locks, but deciding may wait for more (a profile merged
+    into one not locked yet, the rows a merge moves); a writer waited for there may
+    have stored such a message or attached such an identity, and batch at a time the
+    statements after the wait would have seen it. Stored messages and owners only ever
+    appear, so asking again at the end, every lock held, is enough. Sent ahead of the
+    writes, so that they do not see the group's own rows.
+    """
+    refused = sorted(
+        {
+            (event.source_id, event.message_id)
+            for batch, outcomes in zip(batches, results, strict=True)
+            for event, outcome in zip(batch.events, outcomes, strict=True)
+            if not outcome.stored and outcome.reason != DUPLICATE.reason
+        }
+    )
+    unowned = graph.relied_on_unowned()
+    statements: list[_Checked] = []
+    if refused:
+        statements.append(((sql["stored_among"], (json_rows(refused),)), 0))
+    if unowned:
+        statements.append(((sql["owners_among"], (json_rows(unowned),)), 0))
+    return statements
 
 
 @dataclass(slots=True)
@@ -269,6 +307,8 @@ class _GroupGraph(PGGraph):
         self._new_sessions: dict[str, list[Any]] = {}
         # Stored sessions seen again: id -> [profile, last seen].
         self._touched: dict[str, list[Any]] = {}
+        # The identities whose owner resolution asked for.
+        self._asked: set[_IdentityKey] = set()
 
     def pending(self) -> list[_Checked]:
         """The statements writing what was kept back (and forgetting it here)."""
@@ -293,6 +333,16 @@ class _GroupGraph(PGGraph):
     def _execute(self, name: str, params: tuple[object, ...]) -> Cursor:
         self._link.pipeline([statement for statement, _ in self.pending()])
         return super()._execute(name, params)
+
+    def owner(self, scope: str, identity: Identity) -> str | None:
+        owner = super().owner(scope, identity)
+        self._asked.add((scope, identity.kind, identity.value))
+        return owner
+
+    def relied_on_unowned(self) -> list[_IdentityKey]:
+        """The identities resolution asked about that nobody owns, as far as the group
+        knows (it attached none of them)."""
+        return sorted(key for key in self._asked if self.owners[key] is None)
 
     def canonical(self, profile_id: str) -> str | None:
         if profile_id not in self.canonicals:
@@ -342,6 +392,9 @@ class _GroupGraph(PGGraph):
         return owner
 
     def start_session(self, session_id: str, profile_id: str, at: float) -> None:
+        if session_id in self._new_sessions:
+            # A caller offered one new id twice: batch at a time fails it on the key.
+            raise GroupRaced(f"session {session_id!r} started twice in one group")
         self._new_sessions[session_id] = [profile_id, at, at]
         self._session_profiles[session_id] = profile_id
         self._seen(profile_id, session_id, at)
