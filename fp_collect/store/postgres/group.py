@@ -97,7 +97,7 @@ def write_group(link: Link, sql: dict[str, str], batches: Sequence[Batch]) -> li
     cursors = link.pipeline([statement for statement, _ in statements])
     for cursor, (_, expected) in zip(cursors, statements, strict=True):
         if expected is not None and len(cursor.fetchall()) != expected:
-            raise GroupRaced("a message id or claim was stored by another writer meanwhile")
+            raise GroupRaced("another writer changed what the group was decided on")
     return results
 
 
