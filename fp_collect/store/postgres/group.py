@@ -73,10 +73,10 @@ class Link:
         cursors: list[Cursor] = []
         if not statements:
             return cursors
+        self.watch.extend(len(statements))  # the server has the timeout for each
         with self.conn.pipeline():
             for sql, params in statements:
                 cursor = self.conn.cursor()
-                self.watch.extend(len(statements))
                 cursor.execute(sql, params)
                 cursors.append(cursor)
         return cursors
