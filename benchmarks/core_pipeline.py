@@ -19,6 +19,7 @@ import pstats
 import timeit
 import uuid
 from collections.abc import Callable
+from functools import partial
 
 import ujson
 
@@ -88,16 +89,15 @@ def main() -> None:
         route = collector.route(path)
         assert route is not None
         request = Request("POST", path, "", HEADERS, body, "203.0.113.7")
-        floor = best_seconds(lambda body=body: ujson.loads(body), number, repeat)
-        core = best_seconds(
-            lambda route=route, request=request: collector.prepare(route, request), number, repeat
-        )
+        floor = best_seconds(partial(ujson.loads, body), number, repeat)
+        prepare = partial(collector.prepare, route, request)
+        core = best_seconds(prepare, number, repeat)
         print(
             f"{label:<18}{len(body):>8}{events / floor:>14,.0f}{events / core:>14,.0f}"
             f"{floor / core:>8.2f}"
         )
         if args.profile:
-            profile(lambda route=route, request=request: collector.prepare(route, request), label)
+            profile(prepare, label)
     collector.close()
 
 

@@ -239,13 +239,13 @@ def open_writer(args: argparse.Namespace) -> Iterator[tuple[Store, list[str]]]:
 
     schema = f"fp_bench_{uuid.uuid4().hex[:12]}"
     separator = "&" if "?" in args.postgres_url else "?"
-    store = PostgresStore(f"{args.postgres_url}{separator}schema={schema}")
+    postgres = PostgresStore(f"{args.postgres_url}{separator}schema={schema}")
     try:
         with psycopg.connect(args.postgres_url) as conn:
             version = conn.execute("SHOW server_version").fetchone()
-        yield store, [f"PostgreSQL {version[0] if version else '?'}, schema {schema}"]
+        yield postgres, [f"PostgreSQL {version[0] if version else '?'}, schema {schema}"]
     finally:
-        store.close()
+        postgres.close()
         with psycopg.connect(args.postgres_url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 

@@ -17,4 +17,7 @@ fi
 # The tests and examples, as strictly; tests/mypy_path lets mypy find adapters/ under the
 # name it is published as, fp_collect.adapters (see setup.cfg's [mypy]).
 MYPYPATH=tests/mypy_path "$VENV/bin/mypy" tests examples
+# The benchmarks import their neighbours by plain name (core_pipeline, common), as the
+# scripts and the servers they start do.
+MYPYPATH=tests/mypy_path:benchmarks:benchmarks/apps "$VENV/bin/mypy" benchmarks
 exec "$VENV/bin/python" -m pytest "$@"
