@@ -11,9 +11,11 @@ import abc
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -460,6 +462,25 @@ class Job:
     commit: Commit
 
 
+# When (time.monotonic()) a write that WriteQueue.commit_here does in its caller's thread
+# must be over: that caller is answered 503 after its timeout and cannot be answered
+# sooner than the write ends. None in every other context (the writer threads).
+_write_deadline: ContextVar[float | None] = ContextVar("fp_collect_write_deadline", default=None)
+
+
+def time_left() -> float | None:
+    """Seconds left for the write this thread is doing for a caller of
+    :meth:`WriteQueue.commit_here` (negative once past), or None when it has no limit."""
+    deadline = _write_deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def write_deadline() -> float | None:
+    """The ``time.monotonic()`` by which this thread's write must be over (see
+    :func:`time_left`), or None."""
+    return _write_deadline.get()
+
+
 class WriteQueue:
     """What stands between :meth:`Store.submit` and a store's one writer thread.
 
@@ -490,7 +511,11 @@ class WriteQueue:
         return commit
 
     def commit_here(
-        self, batch: Batch, timeout: float | None, write: Callable[[list[Job]], object]
+        self,
+        batch: Batch,
+        timeout: float | None,
+        write: Callable[[list[Job]], object],
+        longest_write: float | None = None,
     ) -> list[Outcome]:
         """:meth:`Store.commit` for a store with a writer thread: ``write`` (the store's
         group commit) writes ``batch`` in the calling thread when nobody is writing, else
@@ -498,11 +523,19 @@ class WriteQueue:
 
         A lone caller (Flask under a sync worker) so spares the two thread switches of
         handing its batch over and being woken; callers arriving during a write (gthread
-        workers) still share the writer thread's next group. A batch written here is not
-        bounded by ``timeout``: the store's own timeouts bound its write.
+        workers) still share the writer thread's next group.
+
+        A write done here cannot be abandoned after ``timeout`` as a wait for the writer
+        thread is, so the store must end it in time: while it runs, :func:`time_left`
+        tells the store how long it has, and the store bounds its own waits by that. A
+        store that cannot (``longest_write``: the longest its own timeouts let a write
+        take) hands the batch to the writer thread whenever ``timeout`` is shorter.
         """
+        if longest_write is not None and timeout is not None and timeout < longest_write:
+            return self.submit(batch).result(timeout)
         if not self.writing.acquire(blocking=False):
             return self.submit(batch).result(timeout)
+        deadline = _write_deadline.set(None if timeout is None else time.monotonic() + timeout)
         try:
             if self._closed:
                 raise StoreUnavailable(self._closed_message)
@@ -510,6 +543,7 @@ class WriteQueue:
             commit.set_running_or_notify_cancel()
             write([Job(batch, commit)])
         finally:
+            _write_deadline.reset(deadline)
             self.writing.release()
         return commit.result(0)
 

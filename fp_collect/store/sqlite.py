@@ -25,6 +25,7 @@ Design:
   (Flask under a sync worker) never waits on another thread. When a write is under way
   its batch goes to the writer thread like ``submit``'s, to share the next group's
   transaction (gthread workers). One write connection, used by one lock holder at a time.
+  Such a caller waits for other processes' write lock no longer than its timeout leaves.
 * **Durable before success.** A batch's :class:`Commit` is settled only after COMMIT
   returns. If the group cannot commit, every batch in it fails with
   :class:`StoreUnavailable`; the writer drops its connection, opens a fresh one for the
@@ -68,6 +69,7 @@ from fp_collect.store.base import (
     WriteQueue,
     claim_is_held,
     refused_records,
+    time_left,
 )
 from fp_collect.store.decide import decide
 from fp_collect.store.identity import resolve_event
@@ -275,7 +277,8 @@ class SQLiteStore(Store):
 
     def commit(self, batch: Batch, timeout: float | None = None) -> list[Outcome]:
         # Written here when nobody else is writing (see WriteQueue.commit_here); a batch
-        # written here waits for other processes' locks up to the busy timeout.
+        # written here waits for other processes' locks up to the busy timeout, or for
+        # as long as ``timeout`` leaves if that is shorter (see _begin).
         return self._writes.commit_here(batch, timeout, self._commit_group)
 
     def _run(self) -> None:
@@ -297,7 +300,7 @@ class SQLiteStore(Store):
                 self._conn = self._connect()
                 self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             try:
                 # Optimistically: the whole group in one transaction without savepoints
                 # (two statements per batch, and a batch almost never fails); what its
@@ -319,7 +322,7 @@ class SQLiteStore(Store):
                 # Some batch failed: start over, one event at a time and one savepoint per
                 # batch, so that it fails alone and the rest of the group still commits.
                 conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
+                self._begin(conn)
                 graph = _SQLGraph(conn)
                 results = [
                     (job.commit, self._apply_in_savepoint(conn, graph, job.batch)) for job in group
@@ -334,6 +337,21 @@ class SQLiteStore(Store):
             return
         for commit, result in results:
             commit.settle(result)
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE: take the write lock, waiting for other processes' up to the
+        busy timeout -- or, writing for a caller of commit(), for the time it has left
+        if that is shorter. (This is the wait for other writers: once it holds the write
+        lock, a WAL-mode writer waits for no one, readers included.)"""
+        left = time_left()
+        if left is None or left >= self._busy_timeout:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        conn.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
 
     def _apply_in_savepoint(
         self, conn: sqlite3.Connection, graph: _SQLGraph, batch: Batch

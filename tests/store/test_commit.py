@@ -19,8 +19,10 @@ from fp_collect.store.base import (
     Batch,
     Commit,
     EventRecord,
+    Job,
     Outcome,
     WriteQueue,
+    time_left,
 )
 
 TIMEOUT = 5.0
@@ -261,3 +263,56 @@ def test_waiters_on_two_loops_are_each_woken_on_their_own() -> None:
     for thread in loops:
         thread.join(TIMEOUT)
     assert sorted(map(str, results)) == sorted(map(str, [[STORED], [DUPLICATE]]))
+
+
+# -- WriteQueue.commit_here ----------------------------------------------------------------
+
+
+def storing(written_by: list[str], time_seen: list[float | None]) -> Any:
+    """A store's group commit that records who ran it and the time it was told it had."""
+
+    def write(jobs: list[Job]) -> None:
+        written_by.append(threading.current_thread().name)
+        time_seen.append(time_left())
+        for job in jobs:
+            job.commit.settle([STORED])
+
+    return write
+
+
+def test_a_write_done_in_the_callers_thread_is_told_the_time_it_has() -> None:
+    queue = WriteQueue("closed")
+    written_by: list[str] = []
+    time_seen: list[float | None] = []
+    write = storing(written_by, time_seen)
+    assert queue.commit_here(Batch(events=[event("m1")]), 2.0, write) == [STORED]
+    assert queue.commit_here(Batch(events=[event("m2")]), None, write) == [STORED]
+    assert written_by == [threading.current_thread().name] * 2
+    bounded, unbounded = time_seen
+    assert bounded is not None and 0 < bounded <= 2.0
+    assert unbounded is None
+    assert time_left() is None  # only while that write runs
+
+
+def test_a_caller_with_less_time_than_the_stores_longest_write_hands_it_over() -> None:
+    """A store that cannot cut its own waits short (``longest_write``) must not make a
+    caller with a shorter timeout wait for them: the writer thread writes instead, and
+    the caller's wait for it is bounded."""
+    queue = WriteQueue("closed")
+    written_by: list[str] = []
+    time_seen: list[float | None] = []
+    write = storing(written_by, time_seen)
+
+    def writer() -> None:
+        group, _ = queue.next_group(10)
+        write(group)
+
+    thread = threading.Thread(target=writer, name="the-writer")
+    thread.start()
+    batch = Batch(events=[event("m1")])
+    assert queue.commit_here(batch, 1.0, write, longest_write=5.0) == [STORED]
+    thread.join(TIMEOUT)
+    assert written_by == ["the-writer"]
+    assert time_seen == [None]  # the writer thread's waits are its own
+    assert queue.commit_here(batch, 5.0, write, longest_write=5.0) == [STORED]
+    assert written_by == ["the-writer", threading.current_thread().name]

@@ -788,6 +788,29 @@ def test_writes_fail_within_the_bound_during_an_outage_and_resume_after(
             assert {stored[i] for i in a.ids} in ({0}, {1})
 
 
+def test_a_blocking_commit_gives_up_on_a_silent_server_within_its_own_timeout(
+    postgres_dsn: str, pg_schema: str, tcp_proxy: Callable[[str, int], Any]
+) -> None:
+    """commit() writes in its caller's thread (a WSGI request's), which is answered 503
+    once its timeout has passed: the store's much longer timeouts (here half a minute to
+    answer a statement, as long to connect) must not hold that thread. The watchdog ends
+    the silent connection at the caller's deadline, and a new connection is tried only
+    for the time left (libpq's shortest connect_timeout is 2 s)."""
+    proxy = proxied(tcp_proxy, postgres_dsn)
+    slow = {"statement_timeout": 30, "connect_timeout": 30}
+    with PostgresStore(with_query(proxy.url(postgres_dsn), schema=pg_schema, **slow)) as store:
+        assert store.commit(Batch(events=[event("m1")]), 1.0) == [STORED]
+        proxy.stall()
+        for attempt in ("on the open connection", "on a new one"):
+            began = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                store.commit(Batch(events=[event("m2")]), 1.0)
+            assert time.monotonic() - began < 10, attempt  # the store's own bound is 30 s
+        proxy.restore()
+        assert store.commit(Batch(events=[event("m2")]), 1.0) == [STORED]
+    assert stored_ids(postgres_dsn, pg_schema) == Counter({"m1": 1, "m2": 1})
+
+
 # -- HTTP ---------------------------------------------------------------------------------
 
 WRITE_KEY = "wk_pg_outage"

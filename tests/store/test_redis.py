@@ -277,6 +277,19 @@ def test_a_lone_commit_is_written_in_the_calling_thread(url: str) -> None:
     assert writers == [threading.current_thread().name] * 2
 
 
+def test_a_commit_with_less_time_than_the_socket_timeouts_is_written_by_the_writer(
+    redis_url: str,
+) -> None:
+    """redis-py cannot cut a command short, so a caller whose timeout is shorter than
+    the client's socket timeouts (here 2 + 3 s) does not write itself: it would wait for
+    them on a stalled Redis, past the moment it must be answered 503."""
+    with redis_prefix(redis_url) as url, RedisStore(url) as store:
+        assert writers_of_lone_commits(store, event, 4.0) == ["fp-collect-redis"] * 2
+    with redis_prefix(redis_url) as url, RedisStore(url) as store:
+        in_time = writers_of_lone_commits(store, event, 5.0)
+    assert in_time == [threading.current_thread().name] * 2
+
+
 def interleave(store: RedisStore, monkeypatch: pytest.MonkeyPatch, meanwhile: Any) -> None:
     """Run ``meanwhile()`` once, after ``store`` planned its next batch from what it read
     and before that batch's script runs: the race two writers can always lose."""

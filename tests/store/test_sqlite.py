@@ -8,8 +8,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -164,6 +165,53 @@ def _hold_write_lock(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN IMMEDIATE")
     return conn
+
+
+@contextmanager
+def writer_elsewhere(path: Path, release: threading.Event) -> Iterator[None]:
+    """Another process's writer holding the file's write lock until ``release`` is set
+    (or TIMEOUT passes)."""
+    taken = threading.Event()
+
+    def hold() -> None:
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            taken.set()
+            release.wait(TIMEOUT)
+            other.execute("ROLLBACK")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert taken.wait(TIMEOUT)
+        yield
+    finally:
+        release.set()
+        thread.join(TIMEOUT)
+
+
+def test_a_blocking_commit_waits_for_another_writers_lock_no_longer_than_its_timeout(
+    tmp_path: Path,
+) -> None:
+    """commit() writes in its caller's thread, so SQLite's busy timeout (here a minute)
+    would be the caller's wait: the caller's own timeout bounds it instead. The other
+    writer lets go only when that commit has given up, or after TIMEOUT: a commit that
+    waited for it would succeed."""
+    path = tmp_path / "t.db"
+    with SQLiteStore(path, busy_timeout=TIMEOUT) as store:
+        release = threading.Event()
+        with writer_elsewhere(path, release):
+            with pytest.raises(StoreUnavailable, match="locked"):
+                store.commit(Batch(events=[event("m1")]), timeout=0.2)
+            release.set()
+        assert store.commit(Batch(events=[event("m1")]), timeout=0.2) == [STORED]
+        # That commit's shorter wait was for it alone: the writer thread still waits out
+        # a lock held longer than 0.2 s.
+        release = threading.Event()
+        with writer_elsewhere(path, release):
+            pending = store.submit(Batch(events=[event("m2")]))
+            threading.Timer(1.0, release.set).start()
+            assert pending.result(TIMEOUT) == [STORED]
 
 
 def test_a_failing_batch_fails_alone(tmp_path: Path) -> None:

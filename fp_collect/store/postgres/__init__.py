@@ -27,7 +27,10 @@ variables and service files all work:
 
 So when PostgreSQL becomes unreachable a submitted batch fails with
 :class:`StoreUnavailable` within about ``statement_timeout + 1 + connect_timeout``
-seconds, and writes resume by themselves once it answers again.
+seconds, and writes resume by themselves once it answers again. A batch that
+:meth:`PostgresStore.commit` writes in its caller's thread (a WSGI request's) fails by the
+caller's own timeout when that is shorter: the watchdog ends the silent connection at that
+deadline, and a new one is tried only for the time left (at least 2 s, libpq's shortest).
 
 Design:
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -32,6 +33,7 @@ from fp_collect.store.base import (
     WriteQueue,
     logger,
     refused_records,
+    time_left,
 )
 from fp_collect.store.identity import resolve_event
 from fp_collect.store.postgres.graph import PGGraph
@@ -134,9 +136,18 @@ class PostgresStore(Store):
     # -- connections ---------------------------------------------------------------------
 
     def _connect(self) -> Connection:
+        kwargs = self._connect_kwargs
+        left = time_left()  # writing for a caller of commit(): its time bounds the attempt
+        if left is not None and left < self.options.connect_timeout:
+            if left <= 0:
+                raise StoreUnavailable(
+                    "cannot connect to PostgreSQL: the request's commit_timeout has passed"
+                )
+            # libpq's connect_timeout is in whole seconds, and at least 2.
+            kwargs = {**kwargs, "connect_timeout": max(2, math.ceil(left))}
         try:
             conn: Connection = psycopg.Connection.connect(
-                self.options.conninfo, autocommit=True, context=ADAPTERS, **self._connect_kwargs
+                self.options.conninfo, autocommit=True, context=ADAPTERS, **kwargs
             )
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
@@ -246,7 +257,8 @@ class PostgresStore(Store):
 
     def commit(self, batch: Batch, timeout: float | None = None) -> list[Outcome]:
         # Written here when nobody else is writing (see WriteQueue.commit_here); a batch
-        # written here is bounded by the statement and connect timeouts.
+        # written here is bounded by the statement and connect timeouts, and by the
+        # time ``timeout`` leaves it when that is shorter (the watchdog, _connect).
         return self._writes.commit_here(batch, timeout, self._commit_group)
 
     def _run(self) -> None:
@@ -330,9 +342,7 @@ class PostgresStore(Store):
                 link.run("COMMIT")
             except Exception as exc:
                 if watch.fired:
-                    raise _Unreachable(
-                        f"PostgreSQL did not answer within {self._stall_timeout:g} s"
-                    ) from exc
+                    raise _Unreachable(watch.silence()) from exc
                 if conn.broken or conn.info.transaction_status not in (
                     TransactionStatus.INTRANS,
                     TransactionStatus.INERROR,
@@ -370,9 +380,7 @@ class PostgresStore(Store):
                     run("COMMIT", ())  # (a lone batch that failed has rolled back already)
             except Exception as exc:
                 if watch.fired:
-                    raise _Unreachable(
-                        f"PostgreSQL did not answer within {self._stall_timeout:g} s"
-                    ) from exc
+                    raise _Unreachable(watch.silence()) from exc
                 raise
         return done, left, lost
 
@@ -391,11 +399,13 @@ class PostgresStore(Store):
                 except StoreUnavailable as exc:
                     raise _Unreachable(str(exc)) from exc.__cause__
             try:
-                with self._watchdog.watch(self._conn, self._stall_timeout):
+                with self._watchdog.watch(self._conn, self._stall_timeout) as watch:
                     self._conn.execute("BEGIN")
                 return self._conn
             except psycopg.Error as exc:
                 self._drop_connection()
+                if watch.cut_short:  # no time left for another connection
+                    raise _Unreachable(watch.silence()) from exc
                 if not retry:
                     raise _Unreachable(f"PostgreSQL is unavailable: {exc}") from exc
                 retry = False

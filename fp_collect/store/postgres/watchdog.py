@@ -9,17 +9,24 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
+from fp_collect.store.base import write_deadline
 from fp_collect.store.postgres.sql import Connection
 
 
 class Watch:
-    """One connection being watched: shut down if it stays silent past ``deadline``."""
+    """One connection being watched: shut down if it stays silent past ``deadline``.
 
-    __slots__ = ("_sock", "deadline", "fired", "timeout")
+    Made while writing for a caller of ``commit()`` (see ``WriteQueue.commit_here``),
+    the deadline never passes the time that caller has: ``cut_short`` tells whether it
+    was that limit rather than the server's silence that ended the connection.
+    """
+
+    __slots__ = ("_cap", "_sock", "deadline", "fired", "timeout")
 
     def __init__(self, conn: Connection, timeout: float) -> None:
         self.timeout = timeout
-        self.deadline = time.monotonic() + timeout
+        self._cap = write_deadline()
+        self.deadline = self._capped(time.monotonic() + timeout)
         self.fired = False
         # A duplicate descriptor: it names this socket even if the connection closes
         # its own and the number is reused, so we can never shut down a stranger.
@@ -27,7 +34,20 @@ class Watch:
 
     def extend(self, statements: int = 1) -> None:
         """Statements are about to be sent: the server has ``timeout`` to answer each."""
-        self.deadline = time.monotonic() + self.timeout * statements
+        self.deadline = self._capped(time.monotonic() + self.timeout * statements)
+
+    def _capped(self, deadline: float) -> float:
+        return deadline if self._cap is None else min(deadline, self._cap)
+
+    @property
+    def cut_short(self) -> bool:
+        return self.fired and self.deadline == self._cap
+
+    def silence(self) -> str:
+        """Why the connection was ended, for the error raised after :meth:`fire`."""
+        if self.cut_short:
+            return "PostgreSQL did not answer within the time the request had (commit_timeout)"
+        return f"PostgreSQL did not answer within {self.timeout:g} s"
 
     def fire(self) -> None:
         # shutdown() wakes the thread blocked on the socket with an error; psycopg then

@@ -65,7 +65,8 @@ keys in many hash slots.
 ``MAX_GROUP``) and sends their scripts in one pipeline: each batch is still its own
 atomic step. A batch whose commit was cancelled before the writer took it is skipped.
 A blocking :meth:`RedisStore.commit` (a WSGI request thread) sends its batch itself when
-nobody else is writing, and otherwise joins the writer thread's next pipeline.
+nobody else is writing and its timeout covers the socket timeouts below (redis-py cannot cut
+a command short), and otherwise joins the writer thread's next pipeline.
 
 **Outages.** Every socket operation is bounded by ``socket_timeout`` and
 ``socket_connect_timeout`` (3 and 2 seconds unless the URL says otherwise). redis-py's own

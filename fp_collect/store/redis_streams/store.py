@@ -114,6 +114,15 @@ class RedisStore(Store):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad Redis storage URL {redact(url)!r}: {exc}") from exc
         self._commit = self._client.register_script(COMMIT)
+        # How long a write may wait on a Redis that stopped answering: redis-py cannot cut
+        # a command short, so a caller with less time than this hands its batch over.
+        self._longest_write = sum(
+            math.inf if value is None else float(value)
+            for value in (
+                pool.connection_kwargs.get("socket_connect_timeout"),
+                pool.connection_kwargs.get("socket_timeout"),
+            )
+        )
         self._writes = WriteQueue("Redis store is closed")
         # How many times a batch was planned again after another writer got in first.
         self.conflicts = 0
@@ -135,9 +144,9 @@ class RedisStore(Store):
         return self._writes.submit(batch)
 
     def commit(self, batch: Batch, timeout: float | None = None) -> list[Outcome]:
-        # Written here when nobody else is writing (see WriteQueue.commit_here); a batch
-        # written here is bounded by the client's socket timeouts.
-        return self._writes.commit_here(batch, timeout, self._write)
+        # Written here when nobody else is writing (see WriteQueue.commit_here) and the
+        # client's socket timeouts fit in ``timeout``; else by the writer thread.
+        return self._writes.commit_here(batch, timeout, self._write, self._longest_write)
 
     def _run(self) -> None:
         stopping = False
