@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from fp_collect.errors import ConfigError
 from fp_collect.restrictions import Restrictions
-from fp_collect.rules import RuleSet
+from fp_collect.rules import Rule, RuleSet
 
 KIB = 1024
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -43,10 +43,12 @@ class Source:
     id: str = ""
     name: str = ""
     enabled: bool = True
-    allowed_origins: tuple[str, ...] = ("*",)
+    # Lists are as welcome as tuples (and one origin as a plain string): every collection
+    # is made a tuple by __post_init__, so a frozen config stays hashable and unchanged.
+    allowed_origins: Sequence[str] = ("*",)
     workspace: str = "default"
     session_timeout: float | None = 30 * 60.0
-    rules: RuleSet = field(default_factory=RuleSet)
+    rules: RuleSet | Sequence[Rule] = field(default_factory=RuleSet)
     strict_event_names: bool = False
     restrictions: Restrictions = field(default_factory=Restrictions)
 
@@ -64,8 +66,9 @@ class Source:
         if not self.id:
             digest = hashlib.sha256(self.write_key.encode()).hexdigest()[:16]
             object.__setattr__(self, "id", f"src_{digest}")
-        if isinstance(self.allowed_origins, str):
-            object.__setattr__(self, "allowed_origins", (self.allowed_origins,))
+        object.__setattr__(
+            self, "allowed_origins", _strings(self.allowed_origins, "Source.allowed_origins")
+        )
         if not isinstance(self.rules, RuleSet):
             # A plain list of rules is welcome too.
             object.__setattr__(self, "rules", RuleSet(self.rules))
@@ -83,6 +86,11 @@ class Source:
                     f"allowed origin {origin!r} must look like 'https://example.com' "
                     "(scheme and host, no trailing slash) or be '*'"
                 )
+
+    @property
+    def rule_set(self) -> RuleSet:
+        """``rules``, which __post_init__ made a :class:`RuleSet` whatever was given."""
+        return self.rules if isinstance(self.rules, RuleSet) else RuleSet(self.rules)
 
     def allows_origin(self, origin: str | None) -> bool:
         if origin is None:
@@ -102,7 +110,7 @@ class Workspace:
 
     id: str
     name: str = ""
-    sources: tuple[Source, ...] = ()
+    sources: Sequence[Source] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -165,16 +173,16 @@ class CollectorConfig:
         none, the read API is not mounted at all.
     """
 
-    sources: tuple[Source, ...] = ()
-    workspaces: tuple[Workspace, ...] = ()
+    sources: Sequence[Source] = ()
+    workspaces: Sequence[Workspace] = ()
     storage: str = "sqlite:///fp_collect.db"
     prefix: str = ""
     limits: Limits = field(default_factory=Limits)
-    trusted_proxies: tuple[str, ...] = ()
+    trusted_proxies: Sequence[str] = ()
     max_future_seconds: float = 300.0
     record_unauthenticated: bool = True
     commit_timeout: float = 10.0
-    read_tokens: tuple[str, ...] = ()
+    read_tokens: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         sources = tuple(self.sources)
@@ -201,16 +209,17 @@ class CollectorConfig:
                 f"storage must be a URL such as 'sqlite:///events.db' or 'memory://', "
                 f"got {self.storage!r}"
             )
-        object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
+        object.__setattr__(
+            self, "trusted_proxies", _strings(self.trusted_proxies, "trusted_proxies")
+        )
         self.proxy_networks()  # validates
         if self.max_future_seconds < 0:
             raise ConfigError("max_future_seconds must not be negative")
         if self.commit_timeout <= 0:
             raise ConfigError("commit_timeout must be positive")
-        tokens = (self.read_tokens,) if isinstance(self.read_tokens, str) else self.read_tokens
-        object.__setattr__(self, "read_tokens", tuple(tokens))
+        object.__setattr__(self, "read_tokens", _strings(self.read_tokens, "read_tokens"))
         for token in self.read_tokens:
-            if not isinstance(token, str) or len(token) < 16:
+            if len(token) < 16:
                 raise ConfigError("each read token must be a secret of at least 16 characters")
             if any(token == source.write_key for source in self.sources):
                 raise ConfigError("a read token must not be a write key: write keys are public")
@@ -270,6 +279,14 @@ def normalise_prefix(prefix: str) -> str:
     if any(c in prefix for c in "?#") or "//" in prefix:
         raise ConfigError(f"prefix {prefix!r} must be a plain path such as '/collect'")
     return prefix.rstrip("/")
+
+
+def _strings(value: Sequence[str], what: str) -> tuple[str, ...]:
+    """A collection of strings as a tuple; a string alone is one item, not its letters."""
+    items = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"{what} must be strings, got {items!r:.100}")
+    return items
 
 
 def _split(value: str) -> Iterable[str]:

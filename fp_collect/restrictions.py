@@ -20,7 +20,7 @@ an accepted one (a client must not retry it) and recorded with its reason.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -63,8 +63,9 @@ class Restrictions:
     bots: str = "drop"
     confirmation_dedup: bool = True
     email_open_window: float | None = 20 * 60.0
-    confirmation_events: tuple[str, ...] = ("Order Completed",)
-    email_open_events: tuple[str, ...] = ("Email Opened",)
+    # Made tuples by __post_init__ (a single name may be given as a plain string).
+    confirmation_events: Sequence[str] = ("Order Completed",)
+    email_open_events: Sequence[str] = ("Email Opened",)
 
     def __post_init__(self) -> None:
         if self.bots not in BOT_POLICIES:

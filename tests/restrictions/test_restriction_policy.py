@@ -72,8 +72,8 @@ def test_other_events_and_switched_off_restrictions_claim_nothing() -> None:
 def test_event_names_that_count_are_configurable() -> None:
     restrictions = Restrictions(
         confirmation_events=("Purchase",),
-        # One name alone is accepted too (made a tuple), though the field says tuple[str, ...].
-        email_open_events="Opened",  # type: ignore[arg-type]
+        # One name alone is accepted too (made a tuple).
+        email_open_events="Opened",
     )
     assert restrictions.kind_of("Purchase") == "confirmation"
     assert restrictions.kind_of("Opened") == "email_open"

@@ -31,8 +31,8 @@ def explode(event: dict[str, Any]) -> None:
 def collector(tmp_path: Path) -> Iterator[Collector]:
     made = Collector(
         sources=[
-            # A plain list, made a RuleSet by Source, though the field says RuleSet.
-            Source(write_key="ruled", id="ruled", rules=[*RULES, explode]),  # type: ignore[arg-type]
+            # A plain list, made a RuleSet by Source.
+            Source(write_key="ruled", id="ruled", rules=[*RULES, explode]),
             Source(write_key="strict", id="strict", strict_event_names=True),
             Source(write_key="plain", id="plain"),
         ],

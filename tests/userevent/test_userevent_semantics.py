@@ -109,11 +109,10 @@ def test_users_of_another_workspace_are_unknown(make_harness: Any) -> None:
     harness = make_harness(
         "core",
         "sqlite",
-        # Lists, as Workspace's docstring shows: it makes a tuple of them, though the
-        # field is annotated tuple[Source, ...] only.
+        # Lists, as Workspace's docstring shows: it makes a tuple of them.
         workspaces=[
-            Workspace("a", sources=[Source(write_key=KEY, id="shop")]),  # type: ignore[arg-type]
-            Workspace("b", sources=[Source(write_key=OTHER_KEY, id="blog")]),  # type: ignore[arg-type]
+            Workspace("a", sources=[Source(write_key=KEY, id="shop")]),
+            Workspace("b", sources=[Source(write_key=OTHER_KEY, id="blog")]),
         ],
         sources=[],
     )
