@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import psycopg
@@ -43,7 +43,8 @@ from fp_collect.store.base import (
     Store,
 )
 from fp_collect.store.postgres import SCHEMA_VERSION, PostgresStore, parse_url
-from fp_collect.store.postgres.sql import MIGRATIONS
+from fp_collect.store.postgres.sql import MIGRATIONS, Connection
+from fp_collect.store.postgres.watchdog import Watchdog
 
 from .groups import THREAD_IDS, stored_by_threads, writers_of_lone_commits
 
@@ -799,7 +800,7 @@ def test_a_blocking_commit_gives_up_on_a_silent_server_within_its_own_timeout(
     proxy = proxied(tcp_proxy, postgres_dsn)
     slow = {"statement_timeout": 30, "connect_timeout": 30}
     with PostgresStore(with_query(proxy.url(postgres_dsn), schema=pg_schema, **slow)) as store:
-        assert store.commit(Batch(events=[event("m1")]), 1.0) == [STORED]
+        assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
         proxy.stall()
         for attempt in ("on the open connection", "on a new one"):
             began = time.monotonic()
@@ -807,8 +808,100 @@ def test_a_blocking_commit_gives_up_on_a_silent_server_within_its_own_timeout(
                 store.commit(Batch(events=[event("m2")]), 1.0)
             assert time.monotonic() - began < 10, attempt  # the store's own bound is 30 s
         proxy.restore()
-        assert store.commit(Batch(events=[event("m2")]), 1.0) == [STORED]
+        assert store.commit(Batch(events=[event("m2")]), TIMEOUT) == [STORED]
     assert stored_ids(postgres_dsn, pg_schema) == Counter({"m1": 1, "m2": 1})
+
+
+def test_a_deadline_moved_earlier_wakes_the_watchdog() -> None:
+    """After a pipeline's allowance (a timeout per statement sent) comes one statement's,
+    COMMIT's: a silent server must be caught by that shorter deadline, not after the
+    watchdog's sleep until the longer one."""
+    ours, theirs = socket.socketpair()
+    watchdog = Watchdog()
+    try:
+        with watchdog.watch(cast(Connection, ours), 0.2) as watch:
+            watch.extend(statements=1000)  # 200 s
+            time.sleep(0.5)  # the watchdog has looked again, and sleeps until then
+            watch.extend()
+            deadline = time.monotonic() + 10
+            while not watch.fired:
+                assert time.monotonic() < deadline, "the watchdog slept on"
+                time.sleep(0.02)
+    finally:
+        watchdog.stop()
+        ours.close()
+        theirs.close()
+
+
+def waiting_on_locks(dsn: str, schema: str) -> int:
+    """Server processes of this schema's clients waiting for a lock."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE %s",
+            (f'%"{schema}"%',),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_statement_the_caller_stopped_waiting_for_ends_on_the_server_too(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    """A commit() behind another session's lock is given up at the caller's deadline;
+    its INSERT, still waiting on the server, must not go on waiting (and holding a
+    server process) for the store's own statement_timeout, here half a minute."""
+    url = with_query(postgres_dsn, schema=pg_schema, statement_timeout=30)
+    with PostgresStore(url) as store, psycopg.connect(postgres_dsn) as holder:
+        assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+        holder.execute(f'LOCK TABLE "{pg_schema}".events IN EXCLUSIVE MODE')
+        with pytest.raises(StoreUnavailable, match="commit_timeout"):
+            store.commit(Batch(events=[event("m2")]), 0.5)
+        # Polled for a third of statement_timeout: long enough for a loaded machine,
+        # short enough that a statement left to the server's own timeout is caught.
+        deadline = time.monotonic() + 10
+        while waiting_on_locks(postgres_dsn, pg_schema):
+            assert time.monotonic() < deadline, "the INSERT still waits on the server"
+            time.sleep(0.05)
+        holder.rollback()
+        assert store.commit(Batch(events=[event("m2")]), TIMEOUT) == [STORED]
+
+
+def test_a_connection_opened_too_late_for_its_caller_is_kept_for_the_next_write(
+    postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connecting may take all of a commit()'s time (libpq waits at least 2 s): the
+    caller is then answered, but the new connection is sound and is kept, not shut
+    down by a deadline that has already passed."""
+    with PostgresStore(with_query(postgres_dsn, schema=pg_schema)) as store:
+        store._drop_connection()  # the next write connects
+        configure = store._configure
+
+        def slow_configure(conn: Any) -> None:
+            time.sleep(0.6)  # the caller's 0.5 s are over before the session is set up
+            configure(conn)
+
+        monkeypatch.setattr(store, "_configure", slow_configure)
+        with pytest.raises(StoreUnavailable, match="commit_timeout"):
+            store.commit(Batch(events=[event("m1")]), 0.5)
+        monkeypatch.undo()
+        kept = store._conn
+        assert kept is not None and not kept.closed
+        assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+        assert store._conn is kept
+
+
+def test_an_idle_connection_found_broken_is_replaced_before_the_write(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    with PostgresStore(with_query(postgres_dsn, schema=pg_schema)) as store:
+        assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
+        conn = store._conn
+        assert conn is not None
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")  # psycopg now knows it is broken
+        assert store.commit(Batch(events=[event("m2")]), TIMEOUT) == [STORED]
 
 
 # -- HTTP ---------------------------------------------------------------------------------

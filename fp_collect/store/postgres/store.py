@@ -54,7 +54,7 @@ from fp_collect.store.postgres.sql import (
     quote,
 )
 from fp_collect.store.postgres.text import ADAPTERS
-from fp_collect.store.postgres.watchdog import Watchdog
+from fp_collect.store.postgres.watchdog import Watch, Watchdog
 
 # Beyond the server's statement timeout, how long a silent connection is given.
 STALL_GRACE = 1.0
@@ -77,6 +77,11 @@ class _Race(Exception):
 
 class _Unreachable(StoreUnavailable):
     """No answer from the server: no connection, or one that went silent."""
+
+
+class _OutOfTime(StoreUnavailable):
+    """The caller of commit() had no time left to begin a transaction: its batch fails,
+    and the connection, never used for it, is kept."""
 
 
 class PostgresStore(Store):
@@ -166,7 +171,9 @@ class PostgresStore(Store):
         # this process (or its network) stops mid-transaction, the session is ended and
         # its locks are freed for everyone else.
         idle = str(int(self._stall_timeout * 1000))
-        with self._watchdog.watch(conn, self._stall_timeout):
+        # Not cut short by a caller's deadline: a connection that took the caller's time
+        # to open is still good for the next write, and _begin says the caller is late.
+        with self._watchdog.watch(conn, self._stall_timeout, capped=False):
             conn.execute(
                 "SELECT set_config('statement_timeout', %s, false),"
                 " set_config('idle_in_transaction_session_timeout', %s, false)",
@@ -323,8 +330,10 @@ class PostgresStore(Store):
 
     def _fail_group(self, jobs: list[Job], exc: Exception) -> _Unreachable | None:
         """The transaction is lost (rolled back by the server with the session): every
-        batch of it fails, and the next group starts on a new connection."""
-        self._drop_connection()
+        batch of it fails, and the next group starts on a new connection -- unless the
+        caller's time ran out before any transaction began."""
+        if not isinstance(exc, _OutOfTime):
+            self._drop_connection()
         unreachable = exc if isinstance(exc, _Unreachable) else None
         message = str(exc) if unreachable else f"PostgreSQL commit failed: {exc}"
         for job in jobs:
@@ -398,17 +407,31 @@ class PostgresStore(Store):
                     self._conn = self._connect()
                 except StoreUnavailable as exc:
                     raise _Unreachable(str(exc)) from exc.__cause__
+            watch: Watch | None = None
             try:
+                begin = self._begin_statement()
                 with self._watchdog.watch(self._conn, self._stall_timeout) as watch:
-                    self._conn.execute("BEGIN")
+                    self._conn.execute(begin)
                 return self._conn
             except psycopg.Error as exc:
                 self._drop_connection()
-                if watch.cut_short:  # no time left for another connection
+                if watch is not None and watch.cut_short:  # no time left for another try
                     raise _Unreachable(watch.silence()) from exc
                 if not retry:
                     raise _Unreachable(f"PostgreSQL is unavailable: {exc}") from exc
                 retry = False
+
+    def _begin_statement(self) -> str:
+        """BEGIN; for a caller of commit() with less time left than the server's
+        statement_timeout, with that time as the transaction's statement_timeout too: a
+        statement the watchdog stops waiting for (behind a lock, say) then ends on the
+        server soon after, rather than running on with nobody left to answer."""
+        left = time_left()
+        if left is None or left >= self.options.statement_timeout:
+            return "BEGIN"
+        if left <= 0:
+            raise _OutOfTime("the request's commit_timeout passed before its transaction began")
+        return f"BEGIN; SET LOCAL statement_timeout = {max(1, int(left * 1000))}"
 
     def _drop_connection(self) -> None:
         if self._conn is not None:

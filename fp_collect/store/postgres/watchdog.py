@@ -6,7 +6,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 from fp_collect.store.base import write_deadline
@@ -17,15 +17,19 @@ class Watch:
     """One connection being watched: shut down if it stays silent past ``deadline``.
 
     Made while writing for a caller of ``commit()`` (see ``WriteQueue.commit_here``),
-    the deadline never passes the time that caller has: ``cut_short`` tells whether it
-    was that limit rather than the server's silence that ended the connection.
+    the deadline never passes the time that caller has (unless ``capped`` is False):
+    ``cut_short`` tells whether it was that limit rather than the server's silence that
+    ended the connection.
     """
 
-    __slots__ = ("_cap", "_sock", "deadline", "fired", "timeout")
+    __slots__ = ("_cap", "_sock", "_wake", "deadline", "fired", "timeout")
 
-    def __init__(self, conn: Connection, timeout: float) -> None:
+    def __init__(
+        self, conn: Connection, timeout: float, wake: Callable[[], None], capped: bool = True
+    ) -> None:
         self.timeout = timeout
-        self._cap = write_deadline()
+        self._cap = write_deadline() if capped else None
+        self._wake = wake
         self.deadline = self._capped(time.monotonic() + timeout)
         self.fired = False
         # A duplicate descriptor: it names this socket even if the connection closes
@@ -34,7 +38,13 @@ class Watch:
 
     def extend(self, statements: int = 1) -> None:
         """Statements are about to be sent: the server has ``timeout`` to answer each."""
-        self.deadline = self._capped(time.monotonic() + self.timeout * statements)
+        deadline = self._capped(time.monotonic() + self.timeout * statements)
+        earlier = deadline < self.deadline
+        self.deadline = deadline
+        if earlier:
+            # After a pipeline's longer allowance, one statement's: the watchdog may be
+            # asleep until the old deadline.
+            self._wake()
 
     def _capped(self, deadline: float) -> float:
         return deadline if self._cap is None else min(deadline, self._cap)
@@ -76,8 +86,10 @@ class Watchdog:
         self._thread.start()
 
     @contextmanager
-    def watch(self, conn: Connection, timeout: float) -> Iterator[Watch]:
-        watch = Watch(conn, timeout)
+    def watch(self, conn: Connection, timeout: float, *, capped: bool = True) -> Iterator[Watch]:
+        """Watch ``conn`` meanwhile: ``timeout`` per statement (see :meth:`Watch.extend`),
+        within the calling write's deadline unless ``capped`` is False."""
+        watch = Watch(conn, timeout, self._wake, capped)
         with self._cond:
             self._watches.add(watch)
             self._cond.notify()
@@ -99,9 +111,13 @@ class Watchdog:
                         self._watches.discard(watch)
                     elif nearest is None or watch.deadline < nearest:
                         nearest = watch.deadline
-                # Deadlines only move later without notice, so waking at the old one
-                # and looking again is enough.
+                # A deadline moved later is found by waking at the old one and looking
+                # again; one moved earlier wakes us (_wake).
                 self._cond.wait(None if nearest is None else nearest - now)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
 
     def stop(self) -> None:
         with self._cond:
