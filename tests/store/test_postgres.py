@@ -854,7 +854,8 @@ def test_a_statement_the_caller_stopped_waiting_for_ends_on_the_server_too(
     with PostgresStore(url) as store, psycopg.connect(postgres_dsn) as holder:
         assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
         holder.execute(f'LOCK TABLE "{pg_schema}".events IN EXCLUSIVE MODE')
-        with pytest.raises(StoreUnavailable, match="commit_timeout"):
+        # Cut by the watchdog, or (a millisecond later, if it wins) by the server.
+        with pytest.raises(StoreUnavailable, match=r"commit_timeout|statement timeout"):
             store.commit(Batch(events=[event("m2")]), 0.5)
         # Polled for a third of statement_timeout: long enough for a loaded machine,
         # short enough that a statement left to the server's own timeout is caught.
@@ -888,6 +889,34 @@ def test_a_connection_opened_too_late_for_its_caller_is_kept_for_the_next_write(
         assert kept is not None and not kept.closed
         assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
         assert store._conn is kept
+
+
+def test_a_new_connection_going_silent_during_its_setup_is_given_up_soon(
+    postgres_dsn: str,
+    pg_schema: str,
+    tcp_proxy: Callable[[str, int], Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Setting a new session up may outlast the caller's deadline (by SETUP_FLOOR, 2 s),
+    not the store's statement_timeout (half a minute here)."""
+    proxy = proxied(tcp_proxy, postgres_dsn)
+    url = with_query(proxy.url(postgres_dsn), schema=pg_schema, statement_timeout=30)
+    with PostgresStore(url) as store:
+        store._drop_connection()  # the next write connects
+        configure = store._configure
+
+        def stalling_configure(conn: Any) -> None:
+            proxy.stall()  # connected, then silent
+            configure(conn)
+
+        monkeypatch.setattr(store, "_configure", stalling_configure)
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.commit(Batch(events=[event("m1")]), 0.5)
+        assert time.monotonic() - began < 10  # the store's own bound is 31 s
+        monkeypatch.undo()
+        proxy.restore()
+        assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
 
 
 def test_an_idle_connection_found_broken_is_replaced_before_the_write(

@@ -29,9 +29,10 @@ So when PostgreSQL becomes unreachable a submitted batch fails with
 :class:`StoreUnavailable` within about ``statement_timeout + 1 + connect_timeout``
 seconds, and writes resume by themselves once it answers again. A batch that
 :meth:`PostgresStore.commit` writes in its caller's thread (a WSGI request's) fails by the
-caller's own timeout when that is shorter: its transaction's statement_timeout is the time
-left, the watchdog ends a silent connection at that deadline, and a new one is tried only
-for the time left (at least 2 s, libpq's shortest).
+caller's own timeout when that is shorter: the watchdog ends a silent connection at that
+deadline, each statement of the transaction gets the time left at BEGIN as its
+statement_timeout, and a new connection is tried only for the time left (at least libpq's
+shortest connect_timeout, 2 s, per host; and 2 s to set the session up).
 
 Design:
 

@@ -58,6 +58,8 @@ from fp_collect.store.postgres.watchdog import Watch, Watchdog
 
 # Beyond the server's statement timeout, how long a silent connection is given.
 STALL_GRACE = 1.0
+# The least time a new connection's session setup is given, whatever a caller has left.
+SETUP_FLOOR = 2.0
 # A group is one transaction: enough batches to share a commit, few enough events that
 # the first request in it is not kept waiting behind thousands of round trips.
 MAX_GROUP = 256
@@ -171,9 +173,10 @@ class PostgresStore(Store):
         # this process (or its network) stops mid-transaction, the session is ended and
         # its locks are freed for everyone else.
         idle = str(int(self._stall_timeout * 1000))
-        # Not cut short by a caller's deadline: a connection that took the caller's time
-        # to open is still good for the next write, and _begin says the caller is late.
-        with self._watchdog.watch(conn, self._stall_timeout, capped=False):
+        # A connection that took all of a caller's time to open is still good for the next
+        # write (_begin then says the caller is late): setting it up may take SETUP_FLOOR
+        # past the caller's deadline, as connecting may take libpq's 2 s.
+        with self._watchdog.watch(conn, self._stall_timeout, floor=SETUP_FLOOR):
             conn.execute(
                 "SELECT set_config('statement_timeout', %s, false),"
                 " set_config('idle_in_transaction_session_timeout', %s, false)",
@@ -357,7 +360,14 @@ class PostgresStore(Store):
                     TransactionStatus.INERROR,
                 ):
                     raise
-                link.run("ROLLBACK")
+                try:
+                    link.run("ROLLBACK")
+                except Exception as rollback_error:
+                    # Our own statement_timeout ended a statement at the caller's deadline,
+                    # and the watchdog then ended the ROLLBACK: the connection is gone.
+                    if watch.fired:
+                        raise _Unreachable(watch.silence()) from rollback_error
+                    raise
                 if not isinstance(exc, (GroupRaced, *RACES)):
                     logger.debug("group redone batch at a time after: %r", exc)
                 return None

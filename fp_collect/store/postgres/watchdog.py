@@ -17,18 +17,19 @@ class Watch:
     """One connection being watched: shut down if it stays silent past ``deadline``.
 
     Made while writing for a caller of ``commit()`` (see ``WriteQueue.commit_here``),
-    the deadline never passes the time that caller has (unless ``capped`` is False):
-    ``cut_short`` tells whether it was that limit rather than the server's silence that
-    ended the connection.
+    the deadline never passes the time that caller has, or ``floor`` seconds from now if
+    that is later: ``cut_short`` tells whether it was that limit rather than the server's
+    silence that ended the connection.
     """
 
     __slots__ = ("_cap", "_sock", "_wake", "deadline", "fired", "timeout")
 
     def __init__(
-        self, conn: Connection, timeout: float, wake: Callable[[], None], capped: bool = True
+        self, conn: Connection, timeout: float, wake: Callable[[], None], floor: float = 0.0
     ) -> None:
         self.timeout = timeout
-        self._cap = write_deadline() if capped else None
+        cap = write_deadline()
+        self._cap = None if cap is None else max(cap, time.monotonic() + floor)
         self._wake = wake
         self.deadline = self._capped(time.monotonic() + timeout)
         self.fired = False
@@ -86,10 +87,10 @@ class Watchdog:
         self._thread.start()
 
     @contextmanager
-    def watch(self, conn: Connection, timeout: float, *, capped: bool = True) -> Iterator[Watch]:
+    def watch(self, conn: Connection, timeout: float, *, floor: float = 0.0) -> Iterator[Watch]:
         """Watch ``conn`` meanwhile: ``timeout`` per statement (see :meth:`Watch.extend`),
-        within the calling write's deadline unless ``capped`` is False."""
-        watch = Watch(conn, timeout, self._wake, capped)
+        within the calling write's deadline (but at least ``floor`` from now)."""
+        watch = Watch(conn, timeout, self._wake, floor)
         with self._cond:
             self._watches.add(watch)
             self._cond.notify()
