@@ -1012,3 +1012,50 @@ def test_http_answers_503_while_the_database_is_cut_and_200_after(
         assert track(port, "after")[0] == 200
         assert track(port, "after")[0] == 200  # a retry: stored once
     assert stored_ids(postgres_dsn, pg_schema) == Counter({"before": 1, "after": 1})
+
+
+def test_a_flask_request_answers_503_by_its_commit_timeout_while_the_database_stalls(
+    postgres_dsn: str, pg_schema: str, tcp_proxy: Callable[[str, int], Any]
+) -> None:
+    """The WSGI path: the request's own thread writes its batch, so only the store can
+    end that write in time. With the store's timeouts at half a minute, a stalled server
+    must still cost the request no more than its commit_timeout (plus libpq's 2 s to try
+    a new connection, once the stalled one is given up)."""
+    from flask import Flask
+
+    from fp_collect.adapters.wsgi import init_app
+
+    proxy = proxied(tcp_proxy, postgres_dsn)
+    app = Flask(__name__)
+    app.add_url_rule("/", "home", lambda: "home")
+    commit_timeout = 1.0
+    collector = init_app(
+        app,
+        sources=[Source(write_key=WRITE_KEY, id="site")],
+        storage=with_query(
+            proxy.url(postgres_dsn), schema=pg_schema, statement_timeout=30, connect_timeout=30
+        ),
+        prefix="/collect",
+        commit_timeout=commit_timeout,
+    )
+    client = app.test_client()
+    auth = {"Authorization": "Basic " + b64encode(f"{WRITE_KEY}:".encode()).decode()}
+
+    def track(message_id: str) -> tuple[int, str | None]:
+        body = {"userId": "u1", "event": "Signed Up", "messageId": message_id}
+        response = client.post("/collect/v1/track", json=body, headers=auth)
+        return response.status_code, response.headers.get("retry-after")
+
+    try:
+        assert track("before") == (200, None)
+        proxy.stall()
+        for attempt in ("on the stalled connection", "on a new one"):
+            began = time.monotonic()
+            assert track("during") == (503, "5"), attempt
+            assert time.monotonic() - began < commit_timeout + 5, attempt  # not 30 s
+        assert client.get("/").data == b"home"  # the host app is unaffected
+        proxy.restore()
+        assert track("after") == (200, None)
+    finally:
+        collector.close()
+    assert stored_ids(postgres_dsn, pg_schema) == Counter({"before": 1, "after": 1})
