@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from fp_collect.errors import ConfigError
 from fp_collect.restrictions import Restrictions
@@ -43,14 +44,32 @@ class Source:
     id: str = ""
     name: str = ""
     enabled: bool = True
-    # Lists are as welcome as tuples (and one origin as a plain string): every collection
-    # is made a tuple by __post_init__, so a frozen config stays hashable and unchanged.
-    allowed_origins: Sequence[str] = ("*",)
+    allowed_origins: tuple[str, ...] = ("*",)
     workspace: str = "default"
     session_timeout: float | None = 30 * 60.0
-    rules: RuleSet | Sequence[Rule] = field(default_factory=RuleSet)
+    rules: RuleSet = field(default_factory=RuleSet)
     strict_event_names: bool = False
     restrictions: Restrictions = field(default_factory=Restrictions)
+
+    if TYPE_CHECKING:
+        # The constructor as type checkers should see it: lists (and any iterable) are as
+        # welcome as tuples, and one origin may be a plain string; __post_init__ makes
+        # them tuples (and the rules a RuleSet), which is what the fields hold. The
+        # dataclass's own __init__ takes exactly these parameters at run time (a test
+        # compares the two).
+        def __init__(
+            self,
+            write_key: str,
+            id: str = "",
+            name: str = "",
+            enabled: bool = True,
+            allowed_origins: str | Iterable[str] = ("*",),
+            workspace: str = "default",
+            session_timeout: float | None = 30 * 60.0,
+            rules: RuleSet | Iterable[Rule] = RuleSet(),
+            strict_event_names: bool = False,
+            restrictions: Restrictions = Restrictions(),
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         if not isinstance(self.write_key, str) or not self.write_key:
@@ -87,11 +106,6 @@ class Source:
                     "(scheme and host, no trailing slash) or be '*'"
                 )
 
-    @property
-    def rule_set(self) -> RuleSet:
-        """``rules``, which __post_init__ made a :class:`RuleSet` whatever was given."""
-        return self.rules if isinstance(self.rules, RuleSet) else RuleSet(self.rules)
-
     def allows_origin(self, origin: str | None) -> bool:
         if origin is None:
             return True
@@ -110,7 +124,11 @@ class Workspace:
 
     id: str
     name: str = ""
-    sources: Sequence[Source] = ()
+    sources: tuple[Source, ...] = ()
+
+    if TYPE_CHECKING:
+        # Any iterable of sources, made a tuple by __post_init__ (see Source's).
+        def __init__(self, id: str, name: str = "", sources: Iterable[Source] = ()) -> None: ...
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -173,16 +191,33 @@ class CollectorConfig:
         none, the read API is not mounted at all.
     """
 
-    sources: Sequence[Source] = ()
-    workspaces: Sequence[Workspace] = ()
+    sources: tuple[Source, ...] = ()
+    workspaces: tuple[Workspace, ...] = ()
     storage: str = "sqlite:///fp_collect.db"
     prefix: str = ""
     limits: Limits = field(default_factory=Limits)
-    trusted_proxies: Sequence[str] = ()
+    trusted_proxies: tuple[str, ...] = ()
     max_future_seconds: float = 300.0
     record_unauthenticated: bool = True
     commit_timeout: float = 10.0
-    read_tokens: Sequence[str] = ()
+    read_tokens: tuple[str, ...] = ()
+
+    if TYPE_CHECKING:
+        # Any iterables, made tuples by __post_init__; one proxy or token may be a plain
+        # string (see Source's).
+        def __init__(
+            self,
+            sources: Iterable[Source] = (),
+            workspaces: Iterable[Workspace] = (),
+            storage: str = "sqlite:///fp_collect.db",
+            prefix: str = "",
+            limits: Limits = Limits(),
+            trusted_proxies: str | Iterable[str] = (),
+            max_future_seconds: float = 300.0,
+            record_unauthenticated: bool = True,
+            commit_timeout: float = 10.0,
+            read_tokens: str | Iterable[str] = (),
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         sources = tuple(self.sources)
@@ -192,7 +227,13 @@ class CollectorConfig:
         if not all(isinstance(w, Workspace) for w in workspaces):
             raise ConfigError("workspaces must be Workspace objects")
         object.__setattr__(self, "workspaces", workspaces)
-        sources += tuple(source for workspace in workspaces for source in workspace.sources)
+        # Skipping those already here: dataclasses.replace() hands back the merged tuple.
+        sources += tuple(
+            source
+            for workspace in workspaces
+            for source in workspace.sources
+            if source not in sources
+        )
         object.__setattr__(self, "sources", sources)
         seen_keys: set[str] = set()
         seen_ids: set[str] = set()
@@ -209,8 +250,10 @@ class CollectorConfig:
                 f"storage must be a URL such as 'sqlite:///events.db' or 'memory://', "
                 f"got {self.storage!r}"
             )
+        # proxy_networks() below says what is wrong with an entry.
+        proxies = self.trusted_proxies
         object.__setattr__(
-            self, "trusted_proxies", _strings(self.trusted_proxies, "trusted_proxies")
+            self, "trusted_proxies", (proxies,) if isinstance(proxies, str) else tuple(proxies)
         )
         self.proxy_networks()  # validates
         if self.max_future_seconds < 0:
@@ -281,11 +324,13 @@ def normalise_prefix(prefix: str) -> str:
     return prefix.rstrip("/")
 
 
-def _strings(value: Sequence[str], what: str) -> tuple[str, ...]:
-    """A collection of strings as a tuple; a string alone is one item, not its letters."""
+def _strings(value: str | Iterable[str], what: str) -> tuple[str, ...]:
+    """A collection of strings as a tuple; a string alone is one item, not its letters.
+    The error names the entry and its type, never its value (read tokens are secrets)."""
     items = (value,) if isinstance(value, str) else tuple(value)
-    if not all(isinstance(item, str) for item in items):
-        raise ConfigError(f"{what} must be strings, got {items!r:.100}")
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ConfigError(f"{what}[{index}] must be a string, not {type(item).__name__}")
     return items
 
 

@@ -178,10 +178,9 @@ class Pipeline:
         a name that breaks the guidelines). A strict source refuses such a name instead.
         """
         warnings: tuple[str, ...] = ()
-        rules = source.rule_set
         # The tuple of rules, not the RuleSet: its __len__ would be a Python call per event.
-        if rules.rules:
-            result = rules.apply(message)
+        if source.rules.rules:
+            result = source.rules.apply(message)
             message = result.event
             warnings = tuple(
                 f"rule {error.rule_index} ({error.rule_name}): {error.message}"

@@ -11,7 +11,7 @@ the clear, never grant it. The API is off until a read token is configured.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from http import HTTPStatus
 from urllib.parse import parse_qs
@@ -35,7 +35,7 @@ _GET = frozenset({"GET"})
 
 
 class ReadAPI:
-    def __init__(self, tokens: Iterable[str], store: Callable[[], Store]) -> None:
+    def __init__(self, tokens: tuple[str, ...], store: Callable[[], Store]) -> None:
         self._tokens = tuple(token.encode() for token in tokens)
         # The collector's store, looked up per call so a replaced store is honoured.
         self._store = store

@@ -20,9 +20,10 @@ an accepted one (a client must not retry it) and recorded with its reason.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from fp_collect.errors import ConfigError
 from fp_collect.store.base import Claim, Identity
@@ -63,9 +64,20 @@ class Restrictions:
     bots: str = "drop"
     confirmation_dedup: bool = True
     email_open_window: float | None = 20 * 60.0
-    # Made tuples by __post_init__ (a single name may be given as a plain string).
-    confirmation_events: Sequence[str] = ("Order Completed",)
-    email_open_events: Sequence[str] = ("Email Opened",)
+    confirmation_events: tuple[str, ...] = ("Order Completed",)
+    email_open_events: tuple[str, ...] = ("Email Opened",)
+
+    if TYPE_CHECKING:
+        # Any iterable of names, or one name as a plain string: __post_init__ makes them
+        # tuples, which is what the fields hold (see config.Source's constructor).
+        def __init__(
+            self,
+            bots: str = "drop",
+            confirmation_dedup: bool = True,
+            email_open_window: float | None = 20 * 60.0,
+            confirmation_events: str | Iterable[str] = ("Order Completed",),
+            email_open_events: str | Iterable[str] = ("Email Opened",),
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         if self.bots not in BOT_POLICIES:

@@ -70,7 +70,7 @@ def test_a_file_configures_workspaces_sources_and_rules(tmp_path: Path) -> None:
     assert (www.workspace, app.workspace) == ("rosebud", "rosebud")
     assert www.session_timeout is None and app.session_timeout == 1800
     assert www.strict_event_names and www.allowed_origins == ("https://www.rosebudmotels.com",)
-    assert www.rule_set.rules == (
+    assert www.rules.rules == (
         RenameEvent("signup", "Signed Up"),
         DropProperty("password"),
         HashProperty("email", "pepper"),
