@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from fp_collect.errors import ConfigError
+from fp_collect.errors import ConfigError, config_tuple
 from fp_collect.restrictions import Restrictions
 from fp_collect.rules import Rule, RuleSet
 
@@ -133,7 +133,7 @@ class Workspace:
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
             raise ConfigError("Workspace.id must be a non-empty string")
-        sources = tuple(self.sources)
+        sources = config_tuple(self.sources, f"workspace {self.id!r}: sources")
         if not all(isinstance(s, Source) for s in sources):
             raise ConfigError(f"workspace {self.id!r}: sources must be Source objects")
         object.__setattr__(self, "sources", tuple(replace(s, workspace=self.id) for s in sources))
@@ -220,10 +220,10 @@ class CollectorConfig:
         ) -> None: ...
 
     def __post_init__(self) -> None:
-        sources = tuple(self.sources)
+        sources = config_tuple(self.sources, "sources")
         if not all(isinstance(s, Source) for s in sources):
             raise ConfigError("sources must be Source objects")
-        workspaces = tuple(self.workspaces)
+        workspaces = config_tuple(self.workspaces, "workspaces")
         if not all(isinstance(w, Workspace) for w in workspaces):
             raise ConfigError("workspaces must be Workspace objects")
         object.__setattr__(self, "workspaces", workspaces)
@@ -253,7 +253,9 @@ class CollectorConfig:
         # proxy_networks() below says what is wrong with an entry.
         proxies = self.trusted_proxies
         object.__setattr__(
-            self, "trusted_proxies", (proxies,) if isinstance(proxies, str) else tuple(proxies)
+            self,
+            "trusted_proxies",
+            (proxies,) if isinstance(proxies, str) else config_tuple(proxies, "trusted_proxies"),
         )
         self.proxy_networks()  # validates
         if self.max_future_seconds < 0:
@@ -327,7 +329,7 @@ def normalise_prefix(prefix: str) -> str:
 def _strings(value: str | Iterable[str], what: str) -> tuple[str, ...]:
     """A collection of strings as a tuple; a string alone is one item, not its letters.
     The error names the entry and its type, never its value (read tokens are secrets)."""
-    items = (value,) if isinstance(value, str) else tuple(value)
+    items = (value,) if isinstance(value, str) else config_tuple(value, what)
     for index, item in enumerate(items):
         if not isinstance(item, str):
             raise ConfigError(f"{what}[{index}] must be a string, not {type(item).__name__}")

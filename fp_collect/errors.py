@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from http import HTTPStatus
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 
 class ConfigError(ValueError):
     """The collector's configuration is invalid; raised eagerly at start-up."""
+
+
+def config_tuple(value: Iterable[_T], what: str) -> tuple[_T, ...]:
+    """A collection given in the configuration, as a tuple: a ConfigError naming it,
+    not a bare TypeError, when it is not a collection at all (None, a lone object)."""
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConfigError(f"{what} must be a list or tuple, not {type(value).__name__}") from None
 
 
 class RequestRejected(Exception):

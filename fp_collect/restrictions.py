@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from fp_collect.errors import ConfigError
+from fp_collect.errors import ConfigError, config_tuple
 from fp_collect.store.base import Claim, Identity
 
 # The reasons stored with what each restriction discards (the claims' kinds).
@@ -89,9 +89,9 @@ class Restrictions:
             raise ConfigError("Restrictions.email_open_window must be positive seconds or None")
         for name in ("confirmation_events", "email_open_events"):
             value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            value = tuple(value)
+            value = (
+                (value,) if isinstance(value, str) else config_tuple(value, f"Restrictions.{name}")
+            )
             if not all(isinstance(v, str) and v for v in value):
                 raise ConfigError(f"Restrictions.{name} must be event names")
             object.__setattr__(self, name, value)

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from fp_collect.errors import ConfigError
+from fp_collect.errors import ConfigError, config_tuple
 
 Event = dict[str, Any]
 Rule = Callable[[Event], Event | None]
@@ -373,7 +373,7 @@ class RuleSet:
     def __post_init__(self) -> None:
         if callable(self.rules) or isinstance(self.rules, (str, bytes, Mapping)):
             raise ConfigError("RuleSet takes a list of rules, e.g. RuleSet([rule])")
-        rules = tuple(self.rules)
+        rules = config_tuple(self.rules, "rules")
         for index, rule in enumerate(rules):
             if not callable(rule):
                 raise ConfigError(f"rule {index} ({rule!r}) is not callable")

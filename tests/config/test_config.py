@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -71,6 +72,28 @@ def test_a_collection_holding_something_else_is_refused_without_showing_it() -> 
         Source(write_key="k", allowed_origins=["https://a.example", None])  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="sources must be Source objects"):
         CollectorConfig(sources=["site-key"])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        # Deliberately wrong types: what an untyped caller or a hand-built dict may pass.
+        (lambda: Source(write_key="k", allowed_origins=None), "allowed_origins must be a"),  # type: ignore[arg-type]
+        (lambda: Source(write_key="k", rules=None), "rules must be a list"),  # type: ignore[arg-type]
+        (lambda: CollectorConfig(sources=Source(write_key="k")), "sources must be a"),  # type: ignore[arg-type]
+        (lambda: CollectorConfig(workspaces=None), "workspaces must be a list"),  # type: ignore[arg-type]
+        (lambda: CollectorConfig(trusted_proxies=None), "trusted_proxies must be a"),  # type: ignore[arg-type]
+        (lambda: CollectorConfig(read_tokens=None), "read_tokens must be a list"),  # type: ignore[arg-type]
+        (lambda: Workspace("w", sources=None), "'w': sources must be a list"),  # type: ignore[arg-type]
+        (lambda: Restrictions(email_open_events=None), "email_open_events must be a"),  # type: ignore[arg-type]
+    ],
+)
+def test_something_that_is_no_collection_is_a_config_error(
+    make: Callable[[], object], message: str
+) -> None:
+    """A clear ConfigError at start-up, not a TypeError from deep inside."""
+    with pytest.raises(ConfigError, match=message):
+        make()
 
 
 @pytest.mark.parametrize("cls", [Source, Workspace, CollectorConfig, Restrictions])
