@@ -250,13 +250,10 @@ class CollectorConfig:
                 f"storage must be a URL such as 'sqlite:///events.db' or 'memory://', "
                 f"got {self.storage!r}"
             )
-        # proxy_networks() below says what is wrong with an entry.
-        proxies = self.trusted_proxies
-        object.__setattr__(
-            self,
-            "trusted_proxies",
-            (proxies,) if isinstance(proxies, str) else config_tuple(proxies, "trusted_proxies"),
-        )
+        # Not _strings: ipaddress objects are welcome too, and proxy_networks() below says
+        # what is wrong with an entry.
+        proxies = config_tuple(self.trusted_proxies, "trusted_proxies", one_string=True)
+        object.__setattr__(self, "trusted_proxies", proxies)
         self.proxy_networks()  # validates
         if self.max_future_seconds < 0:
             raise ConfigError("max_future_seconds must not be negative")
@@ -329,7 +326,7 @@ def normalise_prefix(prefix: str) -> str:
 def _strings(value: str | Iterable[str], what: str) -> tuple[str, ...]:
     """A collection of strings as a tuple; a string alone is one item, not its letters.
     The error names the entry and its type, never its value (read tokens are secrets)."""
-    items = (value,) if isinstance(value, str) else config_tuple(value, what)
+    items = config_tuple(value, what, one_string=True)
     for index, item in enumerate(items):
         if not isinstance(item, str):
             raise ConfigError(f"{what}[{index}] must be a string, not {type(item).__name__}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from http import HTTPStatus
-from typing import TypeVar
+from typing import TypeVar, cast
 
 _T = TypeVar("_T")
 
@@ -13,9 +13,12 @@ class ConfigError(ValueError):
     """The collector's configuration is invalid; raised eagerly at start-up."""
 
 
-def config_tuple(value: Iterable[_T], what: str) -> tuple[_T, ...]:
+def config_tuple(value: Iterable[_T], what: str, *, one_string: bool = False) -> tuple[_T, ...]:
     """A collection given in the configuration, as a tuple: a ConfigError naming it,
-    not a bare TypeError, when it is not a collection at all (None, a lone object)."""
+    not a bare TypeError, when it is not a collection at all (None, a lone object).
+    ``one_string``: a string alone is one entry (a name, an origin), not its letters."""
+    if one_string and isinstance(value, str):
+        return cast("tuple[_T, ...]", (value,))
     try:
         return tuple(value)
     except TypeError:

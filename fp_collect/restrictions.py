@@ -89,9 +89,7 @@ class Restrictions:
             raise ConfigError("Restrictions.email_open_window must be positive seconds or None")
         for name in ("confirmation_events", "email_open_events"):
             value = getattr(self, name)
-            value = (
-                (value,) if isinstance(value, str) else config_tuple(value, f"Restrictions.{name}")
-            )
+            value = config_tuple(value, f"Restrictions.{name}", one_string=True)
             if not all(isinstance(v, str) and v for v in value):
                 raise ConfigError(f"Restrictions.{name} must be event names")
             object.__setattr__(self, name, value)

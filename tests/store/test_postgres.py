@@ -98,15 +98,23 @@ def scalar(dsn: str, sql: str, params: tuple[object, ...] = ()) -> Any:
         return None if row is None else row[0]
 
 
+def waiting_on_locks(dsn: str, schema: str) -> int:
+    """Sessions waiting for a lock while running a statement on ``schema``."""
+    return int(
+        scalar(
+            dsn,
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND query LIKE %s",
+            (f'%"{schema}".%',),
+        )
+    )
+
+
 def wait_until_blocked(dsn: str, schema: str, unless: Pending | None = None) -> None:
     """Until a session is waiting for a lock while running a statement on ``schema``
     (or ``unless`` is done: the writer did not wait, and the test will say what it did)."""
     deadline = time.monotonic() + TIMEOUT
-    while not scalar(
-        dsn,
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-        (f'%"{schema}".%',),
-    ):
+    while not waiting_on_locks(dsn, schema):
         if unless is not None and unless.done():
             return
         assert time.monotonic() < deadline, "the writer never blocked"
@@ -833,17 +841,6 @@ def test_a_deadline_moved_earlier_wakes_the_watchdog() -> None:
         theirs.close()
 
 
-def waiting_on_locks(dsn: str, schema: str) -> int:
-    """Server processes of this schema's clients waiting for a lock."""
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND query LIKE %s",
-            (f'%"{schema}"%',),
-        ).fetchone()
-    return int(row[0]) if row else 0
-
-
 def test_a_statement_the_caller_stopped_waiting_for_ends_on_the_server_too(
     postgres_dsn: str, pg_schema: str
 ) -> None:
@@ -851,19 +848,18 @@ def test_a_statement_the_caller_stopped_waiting_for_ends_on_the_server_too(
     its INSERT, still waiting on the server, must not go on waiting (and holding a
     server process) for the store's own statement_timeout, here half a minute."""
     url = with_query(postgres_dsn, schema=pg_schema, statement_timeout=30)
-    with PostgresStore(url) as store, psycopg.connect(postgres_dsn) as holder:
+    with PostgresStore(url) as store:
         assert store.commit(Batch(events=[event("m1")]), TIMEOUT) == [STORED]
-        holder.execute(f'LOCK TABLE "{pg_schema}".events IN EXCLUSIVE MODE')
-        # Cut by the watchdog, or (a millisecond later, if it wins) by the server.
-        with pytest.raises(StoreUnavailable, match=r"commit_timeout|statement timeout"):
-            store.commit(Batch(events=[event("m2")]), 0.5)
-        # Polled for a third of statement_timeout: long enough for a loaded machine,
-        # short enough that a statement left to the server's own timeout is caught.
-        deadline = time.monotonic() + 10
-        while waiting_on_locks(postgres_dsn, pg_schema):
-            assert time.monotonic() < deadline, "the INSERT still waits on the server"
-            time.sleep(0.05)
-        holder.rollback()
+        with uncommitted(postgres_dsn, pg_schema, "LOCK TABLE {s}.events IN EXCLUSIVE MODE"):
+            # Cut by the watchdog, or (a millisecond later, if it wins) by the server.
+            with pytest.raises(StoreUnavailable, match=r"commit_timeout|statement timeout"):
+                store.commit(Batch(events=[event("m2")]), 0.5)
+            # Polled for a third of statement_timeout: long enough for a loaded machine,
+            # short enough that a statement left to the server's own timeout is caught.
+            deadline = time.monotonic() + 10
+            while waiting_on_locks(postgres_dsn, pg_schema):
+                assert time.monotonic() < deadline, "the INSERT still waits on the server"
+                time.sleep(0.05)
         assert store.commit(Batch(events=[event("m2")]), TIMEOUT) == [STORED]
 
 

@@ -169,15 +169,15 @@ def _hold_write_lock(path: Path) -> sqlite3.Connection:
 
 @contextmanager
 def writer_elsewhere(path: Path, release: threading.Event) -> Iterator[None]:
-    """Another process's writer holding the file's write lock until ``release`` is set
-    (or TIMEOUT passes)."""
+    """Another process's writer holding the file's write lock until ``release`` is set,
+    or for 10 s at most: well within a busy timeout of TIMEOUT, so a commit that waits
+    for the lock gets it, rather than giving up at the same moment."""
     taken = threading.Event()
 
     def hold() -> None:
-        with closing(sqlite3.connect(path, isolation_level=None)) as other:
-            other.execute("BEGIN IMMEDIATE")
+        with closing(_hold_write_lock(path)) as other:
             taken.set()
-            release.wait(TIMEOUT)
+            release.wait(10)
             other.execute("ROLLBACK")
 
     thread = threading.Thread(target=hold)
@@ -195,7 +195,7 @@ def test_a_blocking_commit_waits_for_another_writers_lock_no_longer_than_its_tim
 ) -> None:
     """commit() writes in its caller's thread, so SQLite's busy timeout (here a minute)
     would be the caller's wait: the caller's own timeout bounds it instead. The other
-    writer lets go only when that commit has given up, or after TIMEOUT: a commit that
+    writer lets go only when that commit has given up, or after 10 s: a commit that
     waited for it would succeed."""
     path = tmp_path / "t.db"
     with SQLiteStore(path, busy_timeout=TIMEOUT) as store:
