@@ -1,9 +1,11 @@
 """HTTP benchmark: fp-collect mounted in Starlette and Flask, against the same apps bare.
 
-For each framework it serves three tiny apps (``benchmarks/apps/``) one after the other:
+For each framework it serves four tiny apps (``benchmarks/apps/``) one after the other:
 
 * ``bare``: reads the body and answers 200 -- the ceiling;
 * ``handwritten``: ``json.loads`` + SQLite INSERT + COMMIT per request;
+* ``grouped``: the same INSERTs, committed by a writer thread a group of waiting requests
+  at a time (group commit): what durability alone costs, done as well as by hand;
 * ``fp-collect``: the collector mounted in the app, on its SQLite default, answering only
   after the commit (``synchronous=FULL``);
 
@@ -12,7 +14,7 @@ call per request) and ``/collect/v1/batch`` (100 such events per request). Every
 carries a unique ``messageId``, made in the Lua script, so nothing is deduplicated away.
 The server is pinned to one core (``taskset -c 0``) and wrk to the other (``-c 1``).
 Starlette runs under uvicorn (one process, no access log, uvloop + httptools when
-installed), Flask under gunicorn (one sync worker); each framework's three apps get
+installed), Flask under gunicorn (one sync worker); each framework's four apps get
 exactly the same server settings.
 
 After each run that stores events the server is stopped and the events in its (fresh)
@@ -20,7 +22,7 @@ SQLite file are counted: ``ev/s`` is events durably stored per second of the run
 the run fails its check if fewer events were stored than were answered 2xx. Absolute
 numbers drift on a shared machine; each ratio is between two runs of the same invocation.
 
-    python benchmarks/http_load.py                       # 12 cases, 10 s each (~3 min)
+    python benchmarks/http_load.py                       # 16 cases, 10 s each (~4 min)
     python benchmarks/http_load.py --duration 60 --only 'starlette-fp-collect-*'
     python benchmarks/http_load.py --quick               # the CI smoke: 3 cases, 1 s each
     python benchmarks/http_load.py --profile prof/       # also py-spy the fp-collect servers
@@ -77,7 +79,7 @@ CONNECTIONS = 64
 WRK_MISSING = 3  # exit status when wrk is missing and cannot be installed
 NOISE = 0.10  # other processes' share of a benchmark core above which a row is flagged
 FRAMEWORKS = ("starlette", "flask")
-APP_KINDS = ("bare", "handwritten", "fp-collect")
+APP_KINDS = ("bare", "handwritten", "grouped", "fp-collect")
 ENDPOINTS = ("track", "batch")
 QUICK_CASES = ("starlette-bare-track", "starlette-fp-collect-track", "flask-fp-collect-batch")
 
@@ -764,6 +766,7 @@ def table(rounds: list[list[Result]]) -> str:
     header = (
         f"{'case':<28}{'req/s':>9}{'spread':>8}{'ev/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'non2xx':>8}{'sockerr':>8}{'stored':>10}{'durable':>9}{'x ceil':>8}{'x hand':>8}"
+        f"{'x grp':>7}"
         f"{'CPU%':>6}{'others%':>9}{'RSS MiB':>9}{'dRSS':>7}"
     )
     lines = [header, "-" * len(header)]
@@ -773,6 +776,7 @@ def table(rounds: list[list[Result]]) -> str:
         spread = (runs[-1].req_per_s - runs[0].req_per_s) / 2 / r.req_per_s if r.req_per_s else 0
         ceiling = median_ratio(c, "bare") if c.app != "bare" else None
         hand = median_ratio(c, "handwritten") if c.app == "fp-collect" else None
+        grouped = median_ratio(c, "grouped") if c.app == "fp-collect" else None
         eps = r.events_per_s
         rss = r.rss_kib
         lost = sum(run.lost for run in runs)
@@ -784,6 +788,7 @@ def table(rounds: list[list[Result]]) -> str:
             f"{'-' if r.stored is None else ('ok' if not lost else f'LOST {lost}'):>9}"
             f"{'-' if ceiling is None else f'{ceiling:.2f}':>8}"
             f"{'-' if hand is None else f'{hand:.2f}':>8}"
+            f"{'-' if grouped is None else f'{grouped:.2f}':>7}"
             f"{r.cpu:>6.0%}{f'{r.others:.0%}/{r.client_others:.0%}':>9}"
             f"{(max(rss) / 1024 if rss else 0):>9.1f}"
             f"{((rss[-1] - rss[0]) / 1024 if rss else 0):>+7.1f}"

@@ -1,8 +1,10 @@
 """The three Flask apps of the HTTP benchmark, served by gunicorn (``'flask_apps:bare()'``).
 
-The same three as :mod:`starlette_apps`: ``bare`` (read the body, answer 200),
-``handwritten`` (``json.loads``, INSERT per event, COMMIT per request) and ``fp_collect``
-(``init_app`` on a one-route site, on SQLite).
+The same four as :mod:`starlette_apps`: ``bare`` (read the body, answer 200),
+``handwritten`` (``json.loads``, INSERT per event, COMMIT per request), ``grouped`` (the
+same, committed by a writer thread a group of requests at a time; under gunicorn's one sync
+worker a group is one request) and ``fp_collect`` (``init_app`` on a one-route site, on
+SQLite).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import sqlite3
 import threading
 
-from common import INSERT, PATHS, SUCCESS, collector, open_handwritten_db
+from common import INSERT, PATHS, SUCCESS, GroupCommit, collector, open_handwritten_db
 from flask import Flask, Response, request
 
 from fp_collect.adapters.wsgi import init_app
@@ -48,6 +50,21 @@ def handwritten() -> Flask:
         events = data.get("batch", [data])
         conn.executemany(INSERT, [(e.get("messageId"), json.dumps(e)) for e in events])
         conn.commit()
+        return Response(SUCCESS, mimetype="application/json")
+
+    for path in PATHS:
+        app.add_url_rule(path, path, collect, methods=["POST"])
+    return app
+
+
+def grouped() -> Flask:
+    app = Flask(__name__)
+    writer = GroupCommit(open_handwritten_db())
+
+    def collect() -> Response:
+        data = json.loads(request.get_data())
+        events = data.get("batch", [data])
+        writer.submit([(e.get("messageId"), json.dumps(e)) for e in events]).result()
         return Response(SUCCESS, mimetype="application/json")
 
     for path in PATHS:

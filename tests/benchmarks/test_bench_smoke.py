@@ -46,7 +46,7 @@ def check_table(output: str, names: tuple[str, ...]) -> None:
     start = next(i for i, line in enumerate(lines) if line.startswith("case "))
     end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
     header = lines[start]
-    for label in ("p50 ms", "p99 ms", "x ceil", "x hand", "RSS MiB"):
+    for label in ("p50 ms", "p99 ms", "x ceil", "x hand", "x grp", "RSS MiB"):
         header = header.replace(label, label.replace(" ", "_"))
     rows = {}
     for line in lines[start + 2 : end]:
