@@ -9,7 +9,9 @@ value to find them would cost as much as the parse itself, so the checks are spl
   fail, and every event is serialised for storage anyway, so they cost nothing extra
   and refuse only the event that carries them;
 * huge integers and deep nesting are found on the raw bytes first (a regex and a
-  bracket count); only a body that might hold one is walked.
+  bracket count); only a body that might hold one is walked. In a batch
+  (:func:`parse_batch`) each event is walked on its own, and only the events that hold
+  one are refused.
 """
 
 from __future__ import annotations
@@ -123,19 +125,58 @@ def too_large(limit: int, where: str = "") -> RequestRejected:
 def parse_json(data: bytes | str, max_depth: int) -> JSONValue:
     """Parse strictly: invalid UTF-8, trailing data, non-finite numbers, integers
     beyond 64 bits, lone surrogates and nesting deeper than ``max_depth`` are all 400."""
+    value = _loads(data)
+    if _suspect(data, max_depth):
+        _refuse_unstorable(value, max_depth)
+    return value
+
+
+def parse_batch(
+    data: bytes | str, max_depth: int, items_key: str
+) -> tuple[JSONValue, dict[int, str]]:
+    """:func:`parse_json` for a batch body: a JSON array of events, or an object holding
+    one under ``items_key``. An integer beyond 64 bits or nesting deeper than
+    ``max_depth`` inside one event does not refuse the body: that event is refused
+    alone, so it costs no neighbour. Returns the value and, by index, what each such
+    event holds. Each event's depth is counted from the event, as on a single call."""
+    value = _loads(data)
+    if not _suspect(data, max_depth):
+        return value, {}
+    items = value.get(items_key) if isinstance(value, dict) else value
+    if not isinstance(items, list):
+        _refuse_unstorable(value, max_depth)  # not a batch: the body is one value
+        return value, {}
+    if isinstance(value, dict):
+        _refuse_unstorable({k: v for k, v in value.items() if k != items_key}, max_depth)
+    problems = {}
+    for index, item in enumerate(items):
+        problem = find_unstorable(item, max_depth)
+        if problem is not None:
+            problems[index] = problem
+    return value, problems
+
+
+def _loads(data: bytes | str) -> JSONValue:
     try:
         value: JSONValue = ujson.loads(data)
     except (ValueError, OverflowError) as exc:
         raise RequestRejected(
             HTTPStatus.BAD_REQUEST, "invalid_json", "Invalid JSON", str(exc)[:200]
         ) from exc
-    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    long_digits = _LONG_DIGIT_RUN in raw.translate(_DIGITS_ONLY)
-    if long_digits or not _shallow(raw, max_depth):
-        problem = find_unstorable(value, max_depth)
-        if problem is not None:
-            raise RequestRejected(HTTPStatus.BAD_REQUEST, "invalid_json", "Invalid JSON", problem)
     return value
+
+
+def _suspect(data: bytes | str, max_depth: int) -> bool:
+    """Whether the JSON ``data`` may hold an integer beyond 64 bits or nest deeper than
+    ``max_depth``: only then is its parsed value walked."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    return _LONG_DIGIT_RUN in raw.translate(_DIGITS_ONLY) or not _shallow(raw, max_depth)
+
+
+def _refuse_unstorable(value: JSONValue, max_depth: int) -> None:
+    problem = find_unstorable(value, max_depth)
+    if problem is not None:
+        raise RequestRejected(HTTPStatus.BAD_REQUEST, "invalid_json", "Invalid JSON", problem)
 
 
 def _shallow(raw: bytes, max_depth: int) -> bool:

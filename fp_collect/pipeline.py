@@ -20,6 +20,7 @@ from fp_collect.decoding import (
     check_content_type,
     decompress,
     dumps_lenient,
+    parse_batch,
     parse_json,
     too_large,
 )
@@ -61,6 +62,15 @@ class Prepared:
     unavailable: Response
 
 
+def require_object(value: object) -> Message:
+    """``value``, if it is a JSON object; else the body is refused (400 ``invalid_body``)."""
+    if not isinstance(value, dict):
+        raise RequestRejected(
+            HTTPStatus.BAD_REQUEST, "invalid_body", "the body must be a JSON object"
+        )
+    return value
+
+
 class Pipeline:
     """Configuration-derived helpers, built once; O(1) work per request beyond the body."""
 
@@ -99,14 +109,14 @@ class Pipeline:
     def parse(self, data: bytes | str) -> object:
         return parse_json(data, self.limits.max_depth)
 
+    def parse_batch(self, data: bytes | str, items_key: str) -> tuple[object, dict[int, str]]:
+        """:meth:`parse` for a batch: the body, and what each event that cannot be stored
+        holds, by index (see :func:`~fp_collect.decoding.parse_batch`)."""
+        return parse_batch(data, self.limits.max_depth, items_key)
+
     def parse_object(self, data: bytes | str) -> Message:
         """:meth:`parse`, refusing anything but a JSON object (400 ``invalid_body``)."""
-        value = self.parse(data)
-        if not isinstance(value, dict):
-            raise RequestRejected(
-                HTTPStatus.BAD_REQUEST, "invalid_body", "the body must be a JSON object"
-            )
-        return value
+        return require_object(self.parse(data))
 
     # -- authenticate -----------------------------------------------------------------
 

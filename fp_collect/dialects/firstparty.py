@@ -91,7 +91,7 @@ class FirstpartyAPI:
         payload: bytes | str = request.body
         try:
             payload = self.pipeline.read_body(request, self.limits.max_batch_bytes)
-            body = self.pipeline.parse(payload)
+            body, unstorable = self.pipeline.parse_batch(payload, "events")
             shared_key: object = None
             if isinstance(body, dict):
                 shared_key = body.get("write_key")
@@ -111,6 +111,10 @@ class FirstpartyAPI:
         for index, item in enumerate(body):
             source = None
             try:
+                if index in unstorable:
+                    raise ItemRejected(
+                        "invalid_json", f"the event cannot be stored as JSON: {unstorable[index]}"
+                    )
                 if not isinstance(item, dict):
                     raise ItemRejected("invalid_event", "each event must be a JSON object")
                 source = self._source(request, item.get("write_key") or shared_key)

@@ -24,7 +24,14 @@ from fp_collect.decoding import encode_event, oversize_candidates, too_large
 from fp_collect.dialects import Route
 from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
-from fp_collect.pipeline import Incoming, Message, Pipeline, Prepared, with_details
+from fp_collect.pipeline import (
+    Incoming,
+    Message,
+    Pipeline,
+    Prepared,
+    require_object,
+    with_details,
+)
 from fp_collect.store.base import (
     Batch,
     Claim,
@@ -120,10 +127,12 @@ class SegmentAPI:
         payload: bytes | str = request.body
         try:
             payload = self.pipeline.read_body(request, self.limits.max_batch_bytes)
-            body = self.pipeline.parse_object(payload)
+            parsed, unstorable = self.pipeline.parse_batch(payload, "batch")
+            body = require_object(parsed)
         except RequestRejected as rejected:
             return self._refused(rejected, incoming, payload, None, batch_shape=True)
-        return self._batch(body, payload, incoming, self.pipeline.request_credential(request))
+        credential = self.pipeline.request_credential(request)
+        return self._batch(body, payload, incoming, credential, unstorable)
 
     def webhook(self, request: Request) -> Prepared:
         """Analytics.js-formatted data from another system: one message or a batch.
@@ -137,9 +146,10 @@ class SegmentAPI:
         source: Source | None = None
         try:
             payload = self.pipeline.read_body(request, self.limits.max_batch_bytes)
-            body = self.pipeline.parse_object(payload)
+            parsed, unstorable = self.pipeline.parse_batch(payload, "batch")
+            body = require_object(parsed)
             if "batch" in body:
-                return self._batch(body, payload, incoming, query_key)
+                return self._batch(body, payload, incoming, query_key, unstorable)
             if len(payload) > self.limits.max_call_bytes:
                 raise too_large(self.limits.max_call_bytes)
             source = self.pipeline.authenticate(query_key or body.get("writeKey"))
@@ -189,7 +199,12 @@ class SegmentAPI:
     # -- shared steps -----------------------------------------------------------------
 
     def _batch(
-        self, body: Message, payload: bytes | str, incoming: Incoming, request_key: str | None
+        self,
+        body: Message,
+        payload: bytes | str,
+        incoming: Incoming,
+        request_key: str | None,
+        unstorable: dict[int, str],
     ) -> Prepared:
         try:
             items = body.get("batch")
@@ -222,7 +237,13 @@ class SegmentAPI:
         errors: list[dict[str, object]] = []
         for index, item in enumerate(items):
             source = request_source
+            # As the client sent it: normalising the item generates one when it has none.
+            raw_id = item.get("messageId") if isinstance(item, dict) else None
             try:
+                if index in unstorable:
+                    raise ItemRejected(
+                        "invalid_json", f"the event cannot be stored as JSON: {unstorable[index]}"
+                    )
                 if (
                     index in to_measure
                     and len(encode_event(item).encode()) > self.limits.max_event_bytes
@@ -241,7 +262,6 @@ class SegmentAPI:
                 defaults.apply(item)
                 batch.events.append(self._event(item, None, source, incoming, defaults.sent_at))
             except ItemRejected as rejected:
-                raw_id = item.get("messageId") if isinstance(item, dict) else None
                 record = self.pipeline.item_rejection(
                     rejected, incoming, item, index, source, raw_id
                 )
@@ -250,9 +270,7 @@ class SegmentAPI:
             except Discarded as discarded:
                 # Answered like the stored ones: the client must not send it again.
                 batch.rejections.append(
-                    self.pipeline.item_rejection(
-                        discarded, incoming, item, index, source, item.get("messageId")
-                    )
+                    self.pipeline.item_rejection(discarded, incoming, item, index, source, raw_id)
                 )
         if not errors:
             return _accepted(batch)

@@ -292,6 +292,76 @@ def test_one_event_over_15_kib_in_a_batch_is_refused_alone(collector: Collector)
     )
 
 
+def nested(depth: int) -> bytes:
+    """A JSON object nested ``depth`` levels deep."""
+    return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (str(2**64 + 1).encode(), "integers must fit in 64 bits"),
+        (nested(64), "nesting deeper than 64 levels"),  # under the event: 65 levels
+    ],
+)
+def test_an_unstorable_value_in_a_batch_refuses_its_event_alone(
+    collector: Collector, value: bytes, problem: str
+) -> None:
+    """The README's promise: inside a batch, an event carrying an integer beyond 64 bits
+    or nesting deeper than 64 levels is refused alone; its neighbours are stored."""
+    bad = b'{"type":"track","event":"Clicked","userId":"u","messageId":"bad","properties":'
+    body = (
+        b'{"writeKey":"live-key","batch":['
+        + json.dumps(track(messageId="before")).encode()
+        + b","
+        + bad
+        + value
+        + b"},"
+        + json.dumps(track(messageId="after")).encode()
+        + b"]}"
+    )
+    response = send(collector, "/v1/batch", body)
+    assert response.status == 207
+    [error] = answer(response)["Errors"]
+    assert (error["index"], error["messageId"], error["code"]) == (1, "bad", "invalid_json")
+    assert problem in error["Message"]
+    assert [e["messageId"] for e in events(collector)] == ["before", "after"]
+    [rejection] = collector.store.rejections()
+    assert (rejection.reason, rejection.index, rejection.message_id) == ("invalid_json", 1, "bad")
+
+
+def test_an_event_as_deep_as_the_limit_is_stored_in_a_batch_too(collector: Collector) -> None:
+    """Depth is the event's own, not the batch body's: what a single call may nest, an
+    event inside a batch may too."""
+    event = b'{"type":"track","event":"Clicked","userId":"u","messageId":"%s","properties":'
+    deepest = nested(63)  # 64 levels with the event itself
+    auth = {"authorization": basic(LIVE_KEY)}
+    single = send(collector, "/v1/track", event % b"single" + deepest + b"}", headers=auth)
+    assert single.status == 200
+    batch = b'{"writeKey":"live-key","batch":[' + event % b"in-batch" + deepest + b"}]}"
+    assert send(collector, "/v1/batch", batch).status == 200
+    assert [e["messageId"] for e in events(collector)] == ["single", "in-batch"]
+
+
+def test_an_unstorable_value_outside_the_events_refuses_the_batch(collector: Collector) -> None:
+    body = b'{"writeKey":"live-key","context":{"n":18446744073709551617},"batch":[{}]}'
+    response = send(collector, "/v1/batch", body)
+    assert response.status == 400
+    assert answer(response)["code"] == "invalid_json"
+    assert reasons(collector) == ["invalid_json"]
+
+
+def test_an_unstorable_event_reports_the_id_its_client_sent(collector: Collector) -> None:
+    """None when it sent none, never the one the collector would have generated."""
+    body = b'{"writeKey":"live-key","batch":[{"type":"track","event":"C","userId":"u","x":NaN}]}'
+    response = send(collector, "/v1/batch", body)
+    assert response.status == 400
+    [error] = answer(response)["Errors"]
+    assert (error["code"], error["messageId"]) == ("invalid_json", None)
+    [rejection] = collector.store.rejections()
+    assert rejection.message_id is None
+
+
 def test_413_after_gzip_decompression_single(collector: Collector) -> None:
     body = gzip.compress(padded(track(writeKey=LIVE_KEY), MAX_CALL + 1))
     assert len(body) < MAX_CALL

@@ -161,6 +161,23 @@ def test_bulk_answers_per_event_and_refuses_only_the_bad_ones(
     )
 
 
+@pytest.mark.parametrize("shape", ["array", "object"])
+def test_bulk_refuses_an_event_with_a_huge_integer_alone(collector: Collector, shape: str) -> None:
+    good = b'{"event":"Page Viewed","write_key":"%s"}' % KEY.encode()
+    bad = b'{"event":"Page Viewed","write_key":"%s","properties":{"n":18446744073709551617}}' % (
+        KEY.encode()
+    )
+    events = b"[" + good + b"," + bad + b"]"
+    body = events if shape == "array" else b'{"events":' + events + b"}"
+    answer = post(collector, "/events/track/bulk", body)
+    assert [(r["success"], r.get("code")) for r in answer["events"]] == [
+        (True, None),
+        (False, "invalid_json"),
+    ]
+    assert len(list(collector.store.events())) == 1
+    assert [(r.reason, r.index) for r in collector.store.rejections()] == [("invalid_json", 1)]
+
+
 def test_bulk_whole_body_problems_are_200_and_recorded(collector: Collector) -> None:
     answer = post(collector, "/events/track/bulk", {"events": "nope"})
     assert answer["success"] is False and answer["code"] == "invalid_batch"
