@@ -357,16 +357,27 @@ class SegmentAPI:
 
 
 class BatchDefaults:
-    """Batch-level fields that apply to every item; the item's own fields win."""
+    """Batch-level fields that apply to every item; the item's own fields win.
 
-    __slots__ = ("_shared", "context", "integrations", "sent_at")
+    The seed lets a batch inject ``context`` and timestamps from the top level:
+    ``context`` and ``integrations`` are merged into each item, ``timestamp`` is the
+    time of every item that has none, and ``sentAt`` corrects the clock skew of every
+    item that has no ``sentAt`` of its own.
+    """
+
+    __slots__ = ("_shared", "context", "integrations", "sent_at", "timestamp")
 
     def __init__(
-        self, context: Message | None, integrations: Message | None, sent_at: object
+        self,
+        context: Message | None,
+        integrations: Message | None,
+        sent_at: object,
+        timestamp: str | None = None,
     ) -> None:
         self.context = context
         self.integrations = integrations
         self.sent_at = sent_at
+        self.timestamp = timestamp
         # What apply() merges, worked out once per batch rather than once per item.
         self._shared = tuple(
             (name, shared)
@@ -382,11 +393,21 @@ class BatchDefaults:
                 raise RequestRejected(
                     HTTPStatus.BAD_REQUEST, "invalid_batch", f"batch-level {name} must be an object"
                 )
+        timestamp = body.get("timestamp")
+        # Unlike sentAt, it would become the events' own time: a bad one is no default.
+        if timestamp is not None and (
+            not isinstance(timestamp, str) or parse_iso(timestamp) is None
+        ):
+            raise RequestRejected(
+                HTTPStatus.BAD_REQUEST,
+                "invalid_batch",
+                "batch-level timestamp must be an ISO-8601 date string",
+            )
         sent_at = body.get("sentAt")
         # A malformed batch sentAt only disables skew correction; it costs no event.
         if not isinstance(sent_at, str) or parse_iso(sent_at) is None:
             sent_at = None
-        return cls(context or None, integrations or None, sent_at)
+        return cls(context or None, integrations or None, sent_at, timestamp)
 
     def apply(self, item: Message) -> None:
         for name, shared in self._shared:
@@ -395,6 +416,8 @@ class BatchDefaults:
                 item[name] = dict(shared)
             elif isinstance(own, dict):
                 item[name] = {**shared, **own}
+        if self.timestamp is not None and item.get("timestamp") is None:
+            item["timestamp"] = self.timestamp
 
 
 def identity_op(message: Message, message_type: str, source: Source, at: float) -> IdentityOp:

@@ -784,6 +784,41 @@ def test_batch_context_and_integrations_merge_with_the_items_own_winning(
     assert own["integrations"] == {"All": False, "Mixpanel": False, "Amplitude": True}
 
 
+def test_a_batch_level_timestamp_is_the_time_of_items_without_one(collector: Collector) -> None:
+    """The seed: batches "allow for context and timestamps to be injected from the top
+    level". Skew correction then applies to it as to an item's own."""
+    body = {
+        "writeKey": LIVE_KEY,
+        "timestamp": "2023-11-14T22:13:00.123Z",
+        "sentAt": "2023-11-14T22:13:30.123Z",  # 30 s after the events; received at FIXED
+        "batch": [
+            track(messageId="plain"),
+            track(messageId="own", timestamp="2023-11-14T22:12:00.123Z"),
+            track(messageId="null", timestamp=None),
+        ],
+    }
+    assert send(collector, "/v1/import", body).status == 200
+    stored = {e["messageId"]: e for e in events(collector)}
+    assert stored["plain"]["originalTimestamp"] == "2023-11-14T22:13:00.123Z"
+    assert stored["plain"]["timestamp"] == "2023-11-14T22:12:50.123Z"
+    assert stored["null"]["timestamp"] == "2023-11-14T22:12:50.123Z"
+    assert stored["own"]["originalTimestamp"] == "2023-11-14T22:12:00.123Z"
+    assert stored["own"]["timestamp"] == "2023-11-14T22:11:50.123Z"
+
+
+@pytest.mark.parametrize("timestamp", ["yesterday", 1700000000, {}])
+def test_a_bad_batch_level_timestamp_refuses_the_batch(
+    collector: Collector, timestamp: object
+) -> None:
+    body = {"writeKey": LIVE_KEY, "timestamp": timestamp, "batch": [track()]}
+    response = send(collector, "/v1/batch", body)
+    assert response.status == 400
+    assert answer(response)["code"] == "invalid_batch"
+    assert "batch-level timestamp" in answer(response)["message"]
+    assert events(collector) == []
+    assert reasons(collector) == ["invalid_batch"]
+
+
 @pytest.mark.parametrize(
     ("trusted", "peer", "forwarded", "expected"),
     [
