@@ -299,8 +299,9 @@ HOSTILE_VALUES = [
     b'{"a":' * 100 + b"1" + b"}" * 100,
     b'{"\\ud800": 1}',
 ]
-# What no JSON parser reads as part of a body: the whole body is refused (400).
-REFUSE_WHOLE_BODY = {b'"\xed\xa0\x80"', b"[" * 5000 + b"]" * 5000}
+# Nesting beyond what the parser takes: the body cannot be read, so it is refused whole.
+# (ujson reads a UTF-8-encoded surrogate as a lone surrogate: refused with its event.)
+REFUSE_WHOLE_BODY = {b"[" * 5000 + b"]" * 5000}
 HOSTILE_BODIES = [
     b"",
     b"{",
