@@ -182,8 +182,9 @@ class CollectorConfig:
         ``X-Forwarded-For`` is believed when setting ``context.ip``.
     :param max_future_seconds: a corrected timestamp further than this ahead of
         ``receivedAt`` is replaced by ``receivedAt``.
-    :param record_unauthenticated: also record requests refused for a bad write key,
-        so a misconfigured client shows up in ``fp-collect rejections``.
+    :param record_unauthenticated: also record requests refused with no valid write key
+        (a bad one, or none that could be read), so a misconfigured client shows up in
+        ``fp-collect rejections``. A refused request whose key is valid is always recorded.
     :param commit_timeout: seconds a request waits for its commit before it is
         answered 503 (the events may still be written; clients retry and dedup holds).
     :param read_tokens: secret tokens that may read events and profiles back through

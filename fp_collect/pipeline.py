@@ -47,6 +47,8 @@ class Incoming:
     origin: str | None
     # Sent by a browser (or a crawler posing as one): the bot restriction's scope.
     browser: bool
+    # The Authorization header, read only to name the source of a refused request.
+    authorization: str | None = None
 
 
 @dataclass(slots=True)
@@ -95,6 +97,7 @@ class Pipeline:
             user_agent=user_agent,
             origin=origin,
             browser=is_browser_traffic(origin, headers.get("referer"), user_agent),
+            authorization=headers.get("authorization"),
         )
 
     # -- decode ---------------------------------------------------------------------
@@ -234,7 +237,14 @@ class Pipeline:
         payload: bytes | str,
         source: Source | None,
     ) -> list[RejectionRecord]:
-        """The record of a refused request (empty when configured not to keep it)."""
+        """The record of a refused request (empty when configured not to keep it).
+
+        Refused before its source was known (a body that could not be read, say), it
+        is still that source's when the request's Basic credential names one: only a
+        request with no valid key is unauthenticated.
+        """
+        if source is None:
+            source = self.keys.resolve(basic_username(incoming.authorization))
         if source is None and not self.config.record_unauthenticated:
             return []
         return [

@@ -224,7 +224,9 @@ class SegmentAPI:
             if request_source is None and not item_keys:
                 raise invalid_write_key()
         except RequestRejected as rejected:
-            return self._refused(rejected, incoming, payload, None, batch_shape=True)
+            key = request_key if request_key is not None else body.get("writeKey")
+            source = self.pipeline.keys.resolve(key)
+            return self._refused(rejected, incoming, payload, source, batch_shape=True)
 
         # Only when the whole body could exceed the per-event limit are items measured, and
         # then only those that a measure of their group does not vouch for.

@@ -746,6 +746,50 @@ def test_webhook_empty_query_key_means_no_key_for_a_batch_too(collector: Collect
     assert (batch.status, answer(batch)) == (200, {"success": True})
 
 
+# -- who a refusal is recorded under --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "reason"),
+    [
+        ("/v1/track", b"{", "invalid_json"),
+        ("/v1/batch", b"{", "invalid_json"),
+        ("/v1/batch", b'{"batch": []}', "empty_batch"),
+        ("/v1/track", b"[]", "invalid_body"),
+    ],
+)
+@pytest.mark.parametrize("record_unauthenticated", [True, False])
+def test_a_refusal_with_a_valid_basic_key_is_that_sources(
+    path: str, body: bytes, reason: str, record_unauthenticated: bool
+) -> None:
+    """Refused before the body named a source, a request is still its Basic credential's
+    source's: found under it, and kept even when unauthenticated refusals are not."""
+    collector = new_collector(record_unauthenticated=record_unauthenticated)
+    response = send(collector, path, body, headers={"authorization": basic(LIVE_KEY)})
+    assert response.status == 400
+    assert [(r.reason, r.source_id) for r in collector.store.rejections()] == [(reason, LIVE_ID)]
+
+
+def test_a_batch_refused_for_its_shape_is_its_body_keys_sources(collector: Collector) -> None:
+    response = send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": []})
+    assert response.status == 400
+    assert [(r.reason, r.source_id) for r in collector.store.rejections()] == [
+        ("empty_batch", LIVE_ID)
+    ]
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"authorization": basic(UNKNOWN_KEY)}, {"authorization": basic(OFF_KEY)}]
+)
+def test_without_a_valid_key_a_refusal_is_kept_only_if_configured(
+    headers: dict[str, str],
+) -> None:
+    for record, expected in ((True, [("invalid_json", None)]), (False, [])):
+        collector = new_collector(record_unauthenticated=record)
+        assert send(collector, "/v1/track", b"{", headers=headers).status == 400
+        assert [(r.reason, r.source_id) for r in collector.store.rejections()] == expected
+
+
 # -- enrichment ------------------------------------------------------------------------
 
 
