@@ -52,7 +52,8 @@ EVENT_TYPES: dict[str, str | None] = {
     EMAIL_OPEN: "Email Opened",
 }
 MAX_ID_LENGTH = 255
-# Profile ids as the store draws them; any other _id is a user or anonymous id.
+# Profile ids as the store draws them; an _id of any other shape may be a user or
+# anonymous id too.
 _PROFILE_ID = re.compile(r"PR[0-9A-F]{30}")
 
 # reason -> (the error's title, its description when the reason alone says it all)
@@ -307,9 +308,11 @@ def _identity_op(
         lookups.append(email)
     user_id = user.get("_id")
     if user_id is not None:
-        if _PROFILE_ID.fullmatch(user_id):
-            profile_id = user_id
-        else:
+        # A profile id when a profile has it: the store's own ids, or one a client gave
+        # to the Firstparty API. Only an id of another shape may also be a userId or an
+        # anonymousId, looked up when no profile has it.
+        profile_id = user_id
+        if not _PROFILE_ID.fullmatch(user_id):
             lookups += [Identity("user_id", user_id), Identity("anonymous_id", user_id)]
     traits = message.get("traits") if kind in ("update", "login") else None
     identities: tuple[Identity, ...] = ()

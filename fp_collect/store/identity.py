@@ -107,13 +107,13 @@ def resolve_event(graph: IdentityGraph, event: EventRecord) -> Outcome:
 def resolve_profile(graph: IdentityGraph, op: IdentityOp) -> str | None:
     """The profile the event belongs to, created or merged as ``op`` says; None when the
     profile must already exist and does not."""
-    if op.profile_id is not None:
-        profile = graph.canonical(op.profile_id)
-        if profile is None:
-            if not op.create:
-                return None
-            graph.create_profile(op.profile_id, op.scope, op.at)
-            profile = op.profile_id
+    profile = None if op.profile_id is None else graph.canonical(op.profile_id)
+    if profile is None and op.profile_id is not None and (op.create or not op.lookups):
+        if not op.create:
+            return None
+        graph.create_profile(op.profile_id, op.scope, op.at)
+        profile = op.profile_id
+    if profile is not None:
         owners = _owners(graph, op)
         if op.merge and any(other != profile for other in owners):
             # As without an explicit profile: the oldest survives (a login that finds

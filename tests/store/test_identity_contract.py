@@ -184,3 +184,17 @@ def test_concurrent_first_events_of_one_visitor_make_one_profile(store: Store) -
         thread.join(timeout=30)
     assert len(results) == 8
     assert len({outcome.profile_id for outcome in results}) == 1
+
+
+def test_an_unknown_profile_id_falls_back_to_its_lookups_when_none_may_be_made(
+    store: Store,
+) -> None:
+    """The user-event API's ``_id``: a profile id if a profile has it, else looked up."""
+    known = commit_one(store, record(op(USER, new_profile_id="PR1")))
+    found = commit_one(store, record(op(profile_id="u-1", lookups=(USER,), create=False)))
+    assert found.profile_id == known.profile_id == "PR1"
+    direct = commit_one(store, record(op(profile_id="PR1", lookups=(ANON,), create=False)))
+    assert direct.profile_id == "PR1"
+    nobody = commit_one(store, record(op(profile_id="nobody", lookups=(ANON,), create=False)))
+    assert (nobody.stored, nobody.profile_id) == (False, None)
+    assert store.profile("u-1") is None and store.profile("nobody") is None

@@ -72,6 +72,26 @@ def test_a_profile_made_by_a_firstparty_event_is_found_by_its_profile_id(harness
     assert harness.profile(profile_id).traits == {"plan": "pro"}
 
 
+@pytest.mark.parametrize(
+    "given", ["PRKQ3N5TZ6M2ABCDEFGHJKMNPQRSTVWX", "visitor-42", "pr" + "0" * 30]
+)
+def test_a_profile_id_a_firstparty_client_chose_finds_its_profile(harness: Any, given: str) -> None:
+    """The Firstparty API takes the client's ``profile_id`` as it is; ``_id`` finds that
+    profile whatever its shape, not only the store's own ``PR`` + 30 hex digits."""
+    assert harness.fp_track("Page Viewed", profile_id=given) == given
+    answer = harness.event({"_id": given}, {"update": {"plan": "pro"}})
+    assert results(answer)["profile_id"] == given
+    assert harness.profile(given).traits == {"plan": "pro"}
+
+
+def test_an_id_no_profile_has_is_looked_up_as_a_user_id(harness: Any) -> None:
+    harness.track("Page Viewed", userId="visitor-7")
+    (track,) = harness.events()
+    answer = harness.event({"_id": "visitor-7"}, {"update": {"plan": "pro"}})
+    assert results(answer)["profile_id"] == track.profile_id
+    assert harness.store.profile("visitor-7") is None  # never made on the way
+
+
 def test_a_firstparty_event_with_an_email_makes_the_email_known(harness: Any) -> None:
     profile_id = harness.fp_track("Form Completed", email="Bob@Example.com")
     answer = harness.event({"email": "bob@example.com"}, {"update": {"name": "Bob"}})
