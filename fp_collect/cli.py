@@ -544,7 +544,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise CLIError(
             "the dev server runs on uvicorn, which is not installed: "
-            "install fp-collect[starlette] (pip install 'fp-collect[starlette]')"
+            "install fp-collect[starlette] (pip install 'fp-collect[starlette]', or '.[starlette]'"
+            " in a checkout)"
         ) from None
     # adapters/ becomes fp_collect.adapters only through setup.cfg's package_dir, which
     # mypy cannot follow from inside the package.

@@ -52,9 +52,9 @@ def open_store(url: str, *, create: bool = True) -> Store:
     never corrupted). It saves the fsync wait and some CPU per commit, which matters
     most where each request is a transaction of its own (Flask under sync workers).
 
-    ``create=False`` is for readers: a PostgreSQL schema that does not hold fp-collect's
-    tables is refused (:class:`ConfigError`) instead of created. (A SQLite file is made
-    on open; a reader checks that it exists first. Redis creates nothing on open.)
+    ``create=False`` is for readers: a SQLite file or a PostgreSQL schema that does not
+    hold fp-collect's tables is refused (:class:`ConfigError`) instead of created. (Redis
+    creates nothing on open.)
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -70,7 +70,7 @@ def open_store(url: str, *, create: bool = True) -> Store:
         path = rest[1:] if rest.startswith("/") else rest
         if not path:
             raise ConfigError(f"storage URL {url!r} names no file (try 'sqlite:///events.db')")
-        return SQLiteStore(path, synchronous=_sqlite_synchronous(url, query))
+        return SQLiteStore(path, synchronous=_sqlite_synchronous(url, query), create=create)
     if scheme in ("postgresql", "postgres"):
         _require_extra("psycopg", "postgres", url)
         _require_extra("psycopg_pool", "postgres", url)
@@ -95,7 +95,8 @@ def _require_extra(module: str, extra: str, url: str) -> None:
     except ImportError as exc:
         raise ConfigError(
             f"storage URL {url.partition('://')[0]}:// needs the {module!r} package: "
-            f"pip install 'fp-collect[{extra}]'"
+            f"install fp-collect's {extra!r} extra (pip install 'fp-collect[{extra}]', or"
+            f" '.[{extra}]' in a checkout)"
         ) from exc
 
 

@@ -44,6 +44,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
@@ -202,12 +203,15 @@ class SQLiteStore(Store):
         *,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
         busy_timeout: float = 5.0,
+        create: bool = True,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
         self._path = os.fspath(path)
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
+        if not create:
+            self._require_existing()
         self._create_schema()
         self._writes = WriteQueue(f"SQLite store {self._path!r} is closed")
         # The one write connection, used only by whoever holds ``self._writes.writing``:
@@ -228,6 +232,22 @@ class SQLiteStore(Store):
             isolation_level=None,
             check_same_thread=False,
         )
+
+    def _require_existing(self) -> None:
+        """For a reader (``create=False``): the file must exist and hold fp-collect's
+        tables, looked at read-only, so that a wrong path creates nothing."""
+        if not os.path.isfile(self._path):
+            raise ConfigError(f"no SQLite store at {self._path!r} (nothing was created)")
+        uri = f"file:{urllib.parse.quote(os.path.abspath(self._path))}?mode=ro"
+        try:
+            with closing(sqlite3.connect(uri, uri=True, timeout=self._busy_timeout)) as conn:
+                found = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{self._path!r} is not a SQLite store: {exc}") from exc
+        if found is None:
+            raise ConfigError(f"{self._path!r} holds no fp-collect store (nothing was created)")
 
     def _create_schema(self) -> None:
         try:

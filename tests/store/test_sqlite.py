@@ -463,3 +463,25 @@ def test_a_group_of_batches_decides_like_the_memory_store_one_by_one(
         assert [commit.result(TIMEOUT) for commit in commits] == expected
         assert redo.call_count == 0
         assert_stored_as_memory(store, memory, expected)
+
+
+def test_a_reader_creates_no_file_and_opens_only_a_store(tmp_path: Path) -> None:
+    """``open_store(url, create=False)``, what a reporting job uses, changes nothing."""
+    missing = tmp_path / "missing.db"
+    with pytest.raises(ConfigError, match="no SQLite store"):
+        open_store(f"sqlite:///{missing}", create=False)
+    assert not missing.exists()
+    other = tmp_path / "other.db"
+    with closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE notes (text TEXT)")
+    before = other.read_bytes()
+    with pytest.raises(ConfigError, match="holds no fp-collect store"):
+        open_store(f"sqlite:///{other}", create=False)
+    assert other.read_bytes() == before
+    existing = tmp_path / "events.db"
+    writer = open_store(f"sqlite:///{existing}")
+    writer.commit(Batch(events=[event("m-1")]))
+    writer.close()
+    reader = open_store(f"sqlite:///{existing}", create=False)
+    assert [e.message_id for e in reader.events()] == ["m-1"]
+    reader.close()
