@@ -149,6 +149,10 @@ class Limits:
     max_batch_bytes: int = 500 * KIB
     # "... and 15KB per call" inside a batch
     max_event_bytes: int = 15 * KIB
+    # Events in one batch. No client sends more than a few hundred (the Python SDKs 100,
+    # analytics.js 10); the cap bounds what one small gzipped body of tiny items can cost
+    # in records and answer size, since the write key (public in a page) is no barrier.
+    max_batch_events: int = 2_500
     # deeper JSON than this is refused before anything walks it recursively
     max_depth: int = 64
     # longest messageId (a dedup key), userId, anonymousId, groupId or previousId: all are
@@ -160,6 +164,7 @@ class Limits:
             "max_call_bytes",
             "max_batch_bytes",
             "max_event_bytes",
+            "max_batch_events",
             "max_depth",
             "max_message_id_length",
         ):

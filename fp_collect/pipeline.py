@@ -258,6 +258,21 @@ class Pipeline:
             )
         ]
 
+    def keeps(self, record: RejectionRecord) -> bool:
+        """Whether a refused event's record is kept: always when it came with a valid
+        key, and without one only with ``record_unauthenticated``."""
+        return record.source_id is not None or self.config.record_unauthenticated
+
+    def check_batch_size(self, events: int) -> None:
+        """Refuse a batch of more events than the limit (413), before any is read."""
+        if events > self.limits.max_batch_events:
+            raise RequestRejected(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                "payload_too_large",
+                "Request entity too large",
+                f"at most {self.limits.max_batch_events} events per batch, got {events}",
+            )
+
     def item_rejection(
         self,
         rejected: RequestRejected | ItemRejected | Discarded,

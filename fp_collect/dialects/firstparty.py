@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from http import HTTPStatus
 
 from fp_collect import responses
+from fp_collect.auth import invalid_write_key
 from fp_collect.config import Source
 from fp_collect.decoding import encode_event
 from fp_collect.dialects import Route
@@ -102,6 +103,9 @@ class FirstpartyAPI:
                     "invalid_batch",
                     'the body must be an array of events or {"events": [...]}',
                 )
+            self.pipeline.check_batch_size(len(body))
+            if not self._any_valid_key(request, shared_key, body):
+                raise invalid_write_key()  # refused once, not event by event
         except RequestRejected as rejected:
             return self._refused(rejected, incoming, payload, None)
 
@@ -126,9 +130,11 @@ class FirstpartyAPI:
                     slots.append(_discarded(rejected.reason))
                 else:
                     slots.append(_error(rejected.reason, rejected.message))
-                batch.rejections.append(
-                    self.pipeline.item_rejection(rejected, incoming, item, index, source, raw_id)
+                record = self.pipeline.item_rejection(
+                    rejected, incoming, item, index, source, raw_id
                 )
+                if self.pipeline.keeps(record):
+                    batch.rejections.append(record)
 
         def respond(outcomes: Sequence[Outcome]) -> Response:
             results = [
@@ -141,6 +147,17 @@ class FirstpartyAPI:
         return Prepared(batch, respond, _UNAVAILABLE)
 
     # -- shared steps -----------------------------------------------------------------
+
+    def _any_valid_key(self, request: Request, shared_key: object, items: list[object]) -> bool:
+        """Whether any event of a bulk body can be authenticated (a Basic credential
+        speaks for them all; else the shared key or the events' own)."""
+        header_key = self.pipeline.request_credential(request)
+        if header_key is not None:
+            return self.pipeline.keys.resolve(header_key) is not None
+        resolve = self.pipeline.keys.resolve
+        return resolve(shared_key) is not None or any(
+            isinstance(item, dict) and resolve(item.get("write_key")) is not None for item in items
+        )
 
     def _source(self, request: Request, body_key: object) -> Source:
         header_key = self.pipeline.request_credential(request)

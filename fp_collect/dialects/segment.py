@@ -214,12 +214,16 @@ class SegmentAPI:
                 )
             if not items:
                 raise RequestRejected(HTTPStatus.BAD_REQUEST, "empty_batch", "batch is empty")
+            self.pipeline.check_batch_size(len(items))
             defaults = BatchDefaults.from_body(body)
             if request_key is None and isinstance(body.get("writeKey"), str):
                 request_key = body["writeKey"]
             request_source = self.pipeline.keys.resolve(request_key)
+            # Keys per item only if one of them is valid: a batch with no valid key at all
+            # is refused once, not item by item.
             item_keys = request_key is None and any(
-                isinstance(item, dict) and item.get("writeKey") for item in items
+                isinstance(item, dict) and self.pipeline.keys.resolve(item.get("writeKey"))
+                for item in items
             )
             if request_source is None and not item_keys:
                 raise invalid_write_key()
@@ -268,7 +272,8 @@ class SegmentAPI:
                     rejected, incoming, item, index, source, raw_id
                 )
                 errors.append(_item_error(index, record.message_id, rejected))
-                batch.rejections.append(record)
+                if self.pipeline.keeps(record):
+                    batch.rejections.append(record)
             except Discarded as discarded:
                 # Answered like the stored ones: the client must not send it again.
                 batch.rejections.append(

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from fp_collect import Collector, Request, Response, Source
+from fp_collect import Collector, Limits, Request, Response, Source
 from fp_collect.dialects.segment import MESSAGE_TYPES
 from fp_collect.responses import PIXEL_GIF
 
@@ -788,6 +788,58 @@ def test_without_a_valid_key_a_refusal_is_kept_only_if_configured(
         collector = new_collector(record_unauthenticated=record)
         assert send(collector, "/v1/track", b"{", headers=headers).status == 400
         assert [(r.reason, r.source_id) for r in collector.store.rejections()] == expected
+
+
+# -- what one small request can cost -----------------------------------------------------
+
+
+def gzipped_batch(items: bytes, count: int, **fields: str) -> bytes:
+    head = json.dumps(fields)[:-1] + (", " if fields else "") + '"batch": ['
+    return gzip.compress(head.encode() + b",".join([items] * count) + b"]}")
+
+
+def test_a_batch_of_more_events_than_the_limit_is_413_and_one_record(collector: Collector) -> None:
+    """A few hundred bytes of gzip can hold 250,000 tiny items: refused before any is
+    read, with one record and a small answer."""
+    body = gzipped_batch(b"0", 250_000, writeKey=LIVE_KEY)
+    assert len(body) < 1000
+    response = send(collector, "/v1/batch", body, headers={"content-encoding": "gzip"})
+    assert response.status == 413
+    assert answer(response)["Errors"] == [TOO_LARGE_BATCH_ERROR]
+    assert "at most 2500 events per batch" in answer(response)["message"]
+    assert len(response.body) < 1000
+    assert reasons(collector) == ["payload_too_large"]
+
+
+def test_the_event_limit_is_configurable_and_inclusive() -> None:
+    collector = new_collector(limits=Limits(max_batch_events=3))
+    items = [track(messageId=f"m-{i}") for i in range(4)]
+    assert send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": items[:3]}).status == 200
+    assert send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": items}).status == 413
+
+
+def test_a_batch_with_no_valid_key_anywhere_is_refused_once(collector: Collector) -> None:
+    items = [track(writeKey=UNKNOWN_KEY, messageId=f"m-{i}") for i in range(50)] + [0, "x"]
+    response = send(collector, "/v1/batch", {"batch": items})
+    assert (response.status, answer(response)) == (400, INVALID_KEY)
+    assert [(r.reason, r.index) for r in collector.store.rejections()] == [
+        ("invalid_write_key", None)
+    ]
+
+
+@pytest.mark.parametrize("record_unauthenticated", [True, False])
+def test_items_with_bad_keys_are_recorded_only_if_configured(record_unauthenticated: bool) -> None:
+    collector = new_collector(record_unauthenticated=record_unauthenticated)
+    items = [track(writeKey=LIVE_KEY, messageId="good"), track(writeKey=UNKNOWN_KEY), 7]
+    response = send(collector, "/v1/batch", {"batch": items})
+    assert response.status == 207
+    codes = ["invalid_write_key", "invalid_event"]  # neither names a valid key
+    assert [e["code"] for e in answer(response)["Errors"]] == codes
+    assert [e["messageId"] for e in events(collector)] == ["good"]
+    expected = [("invalid_write_key", 1), ("invalid_event", 2)]
+    assert [(r.reason, r.index) for r in collector.store.rejections()] == (
+        expected if record_unauthenticated else []
+    )
 
 
 # -- enrichment ------------------------------------------------------------------------

@@ -178,6 +178,20 @@ def test_bulk_refuses_an_event_with_a_huge_integer_alone(collector: Collector, s
     assert [(r.reason, r.index) for r in collector.store.rejections()] == [("invalid_json", 1)]
 
 
+def test_bulk_with_no_valid_key_anywhere_is_refused_once(collector: Collector) -> None:
+    answer = post(collector, "/events/track/bulk", [{"event": "Page Viewed"}] * 100 + [0])
+    assert (answer["success"], answer["code"]) == (False, "invalid_write_key")
+    assert [(r.reason, r.index) for r in collector.store.rejections()] == [
+        ("invalid_write_key", None)
+    ]
+
+
+def test_bulk_of_more_events_than_the_limit_is_refused_once(collector: Collector) -> None:
+    answer = post(collector, "/events/track/bulk", {"write_key": KEY, "events": [0] * 2501})
+    assert (answer["success"], answer["code"]) == (False, "payload_too_large")
+    assert [r.reason for r in collector.store.rejections()] == ["payload_too_large"]
+
+
 def test_bulk_whole_body_problems_are_200_and_recorded(collector: Collector) -> None:
     answer = post(collector, "/events/track/bulk", {"events": "nope"})
     assert answer["success"] is False and answer["code"] == "invalid_batch"

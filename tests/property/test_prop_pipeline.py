@@ -1137,12 +1137,21 @@ def test_bad_keys_get_one_identical_answer(
 def test_bad_item_keys_get_one_identical_answer(
     path: str, unknown: str, message: tuple[str, dict[str, Any]]
 ) -> None:
-    """Per-item keys: unknown and disabled are indistinguishable."""
-    answers = []
-    for key in (unknown, OFF_KEY):
-        item = {**message[1], "writeKey": key, "messageId": "m-0"}
-        response = send(new_collector(), "POST", path, body=to_json({"batch": [item]}))
-        answers.append((response.status, response.headers, response.body))
-    assert answers[0] == answers[1]
-    assert answers[0][0] == 400
-    assert json.loads(answers[0][2])["Errors"][0]["code"] == "invalid_write_key"
+    """Per-item keys: unknown and disabled are indistinguishable, whether a valid item
+    sits beside the bad one (refused alone, 207) or not (the batch is refused once)."""
+    for neighbour in (False, True):
+        answers = []
+        for key in (unknown, OFF_KEY):
+            items = [{**message[1], "writeKey": key, "messageId": "m-0"}]
+            if neighbour:
+                items.append({**message[1], "writeKey": LIVE_KEY, "messageId": "m-1"})
+            response = send(new_collector(), "POST", path, body=to_json({"batch": items}))
+            answers.append((response.status, response.headers, response.body))
+        assert answers[0] == answers[1]
+        answer = json.loads(answers[0][2])
+        if neighbour:
+            assert answers[0][0] == 207
+            assert [e["code"] for e in answer["Errors"]] == ["invalid_write_key"]
+        else:
+            assert answers[0][0] == 400
+            assert answer["code"] == "invalid_write_key"
