@@ -69,7 +69,10 @@ class CollectorMiddleware:
         if route is None:
             await self._not_ours(scope, receive, send)
             return
-        request = await _read_request(scope, receive, route, path)
+        try:
+            request = await _read_request(scope, receive, route, path)
+        except ClientGone:
+            return  # nothing of its body is processed: nobody is left to answer
         response = await self.collector.handle_async(route, request)
         await _send_response(send, response)
 
@@ -159,13 +162,19 @@ async def _read_request(scope: Scope, receive: Receive, route: Route, path: str)
     )
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request body ended."""
+
+
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            # A cut-off body may still parse; storing it would answer nobody, and the
+            # client's retry would then store the event twice if it carries no messageId.
+            raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

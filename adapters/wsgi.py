@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import atexit
 from collections.abc import Iterable
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from werkzeug.wsgi import get_input_stream
 
+from fp_collect import responses
 from fp_collect.collector import Collector
 from fp_collect.dialects import Route
-from fp_collect.http import Request, content_length
+from fp_collect.http import Request, Response, content_length
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -48,7 +50,13 @@ class CollectorMiddleware:
         route = self.collector.route(path)
         if route is None:
             return self.app(environ, start_response)
-        response = self.collector.handle(route, _read_request(environ, route, path))
+        try:
+            request = _read_request(environ, route, path)
+        except BodyUnreadable as exc:
+            # Nothing of it is processed: a client that left gets no answer and retries.
+            response = _unreadable(str(exc))
+        else:
+            response = self.collector.handle(route, request)
         start_response(
             response.status_line,
             [*response.headers, ("content-length", str(len(response.body)))],
@@ -76,6 +84,18 @@ def init_app(app: Flask, **options: Any) -> Collector:
     return middleware.collector
 
 
+class BodyUnreadable(Exception):
+    """The request body could not be read whole: broken chunked framing, or the client
+    went away before sending all of it."""
+
+
+def _unreadable(reason: str) -> Response:
+    body = responses.single_error(
+        HTTPStatus.BAD_REQUEST, "invalid_body", "The request body could not be read", reason
+    )
+    return responses.json_response(HTTPStatus.BAD_REQUEST, body)
+
+
 def _read_request(environ: WSGIEnvironment, route: Route, path: str) -> Request:
     headers: dict[str, str] = {}
     for key, value in environ.items():
@@ -101,8 +121,14 @@ def _read_request(environ: WSGIEnvironment, route: Route, path: str) -> Request:
                 body = stream.read(limit + 1)
             except RequestEntityTooLarge:
                 too_large = True
+            except ClientDisconnected as exc:
+                raise BodyUnreadable("the client went away before the body ended") from exc
+            except (OSError, ValueError) as exc:  # e.g. werkzeug's "Invalid chunk header"
+                raise BodyUnreadable(f"the body is not readable HTTP: {exc}"[:200]) from exc
             if len(body) > limit:
                 body, too_large = b"", True
+            elif declared is not None and len(body) < declared:
+                raise BodyUnreadable("the body ended before its Content-Length")
     return Request(
         method=method,
         path=path,

@@ -46,9 +46,10 @@ _COUNT_IN_BODY_BYTES = 4096
 
 def check_content_type(headers: Mapping[str, str]) -> None:
     """Refuse bodies that are not JSON (415). A missing Content-Type is read as JSON,
-    since ``navigator.sendBeacon`` with a string sends none in some browsers."""
+    since ``navigator.sendBeacon`` with a string sends none in some browsers; so is an
+    empty one, which WSGI servers cannot tell from a missing one."""
     raw = headers.get("content-type")
-    if raw is None:
+    if raw is None or not raw.strip():
         return
     media_type, _, params = raw.partition(";")
     if media_type.strip().lower() not in _JSON_MEDIA_TYPES:

@@ -299,6 +299,22 @@ def test_asgi_body_split_over_several_messages_is_assembled() -> None:
     assert [e.message_id for e in collector.store.events()] == ["m-chunked"]
 
 
+def test_asgi_a_body_cut_short_by_a_disconnect_is_not_processed() -> None:
+    """The client left before its body ended; what came parses as a whole event. Nobody
+    is left to answer, and its retry would store the event a second time."""
+    collector = make_collector()
+    middleware = CollectorMiddleware(None, collector=collector)
+    whole_event = json.dumps(track_body("m-cut")).encode()
+    headers = [("authorization", basic(KEY)), ("content-type", "application/json")]
+    cut = Wire([{"type": "http.request", "body": whole_event, "more_body": True}])
+
+    wire = run(middleware, http_scope("POST", "/collect/v1/track", headers), cut)
+
+    assert wire.sent == []
+    assert list(collector.store.events()) == []
+    assert list(collector.store.rejections()) == []
+
+
 @pytest.mark.parametrize(
     ("path", "declared"),
     [("/collect/v1/track", 15 * 1024 + 1), ("/collect/v1/batch", 500 * 1024 + 1)],

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from flask import Flask, request
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.test import Client, EnvironBuilder
 
 from fp_collect import Collector, Source
@@ -295,6 +296,57 @@ def test_wsgi_truncated_body_is_answered_not_raised() -> None:
     status, _headers, body = call(app, environ)
 
     assert status.startswith("400"), body
+    assert list(app.collector.store.events()) == []
+
+
+class FailingStream(io.BytesIO):
+    """A wsgi.input that fails as a server's does: werkzeug's dechunker on a broken chunk
+    header, or a client gone in the middle of its body."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(b"")
+        self.error = error
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise self.error
+
+    def readinto(self, buffer: Any) -> int:
+        raise self.error
+
+
+def test_wsgi_a_body_cut_short_is_not_processed_even_when_it_parses() -> None:
+    """Content-Length promised more than arrived: the client left, and what came may be a
+    whole event. Storing it would answer nobody; the client's retry would store it again."""
+    app = plain_app()
+    whole_event = json.dumps(track_body("m-cut")).encode()
+    environ = environ_for(
+        "/collect/v1/track",
+        stream=SpyStream(whole_event),
+        content_length=len(whole_event) + 100,
+        headers=[("Authorization", basic(KEY)), ("Content-Type", "application/json")],
+    )
+    status, headers, body = call(app, environ)
+    assert status.startswith("400") and headers["content-type"] == "application/json"
+    assert json.loads(body)["code"] == "invalid_body"
+    assert list(app.collector.store.events()) == []
+    assert list(app.collector.store.rejections()) == []
+
+
+@pytest.mark.parametrize(
+    "error", [OSError("Invalid chunk header"), ClientDisconnected(), ValueError("bad size")]
+)
+def test_wsgi_an_unreadable_body_is_a_json_400_not_a_500(error: Exception) -> None:
+    app = plain_app()
+    environ = environ_for(
+        "/collect/v1/batch",
+        stream=FailingStream(error),
+        content_length=None,
+        headers=[("Authorization", basic(KEY)), ("Content-Type", "application/json")],
+        terminated=True,
+    )
+    status, headers, body = call(app, environ)
+    assert status.startswith("400") and headers["content-type"] == "application/json"
+    assert json.loads(body)["code"] == "invalid_body"
     assert list(app.collector.store.events()) == []
 
 

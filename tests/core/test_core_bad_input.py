@@ -418,6 +418,15 @@ def test_415_for_application_xml(collector: Collector) -> None:
     )
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_content_type_is_read_as_none(collector: Collector, value: str) -> None:
+    """WSGI servers cannot tell an empty Content-Type from none, so ASGI must not either:
+    both adapters give the same answer."""
+    headers = {"content-type": value}
+    response = send(collector, "/v1/track", track(writeKey=LIVE_KEY), headers=headers)
+    assert (response.status, answer(response)) == (200, {"success": True})
+
+
 def test_415_for_brotli(collector: Collector) -> None:
     headers = {"content-encoding": "br"}
     response = send(collector, "/v1/track", b"\x0b\x02\x80{}\x03", headers=headers)
