@@ -38,6 +38,9 @@ class Source:
         naming guidelines, instead of storing them with warnings.
     :param restrictions: what is discarded though valid: bots, repeated confirmations,
         email opens within the throttle window; see :class:`Restrictions`.
+    :param partial_success_status: the status of a batch some of whose events were
+        refused: 207, the seed's, or 200 for clients that take only 200 as success and
+        would send the whole batch again (rudder-sdk-python). The body is the same.
     """
 
     write_key: str
@@ -50,6 +53,7 @@ class Source:
     rules: RuleSet = field(default_factory=RuleSet)
     strict_event_names: bool = False
     restrictions: Restrictions = field(default_factory=Restrictions)
+    partial_success_status: int = 207
 
     if TYPE_CHECKING:
         # The constructor as type checkers should see it: lists (and any iterable) are as
@@ -69,6 +73,7 @@ class Source:
             rules: RuleSet | Iterable[Rule] = RuleSet(),
             strict_event_names: bool = False,
             restrictions: Restrictions = Restrictions(),
+            partial_success_status: int = 207,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -99,6 +104,10 @@ class Source:
             raise ConfigError("Source.workspace must be a non-empty string")
         if self.session_timeout is not None and not self.session_timeout > 0:
             raise ConfigError("Source.session_timeout must be positive seconds or None")
+        if self.partial_success_status not in (200, 207) or isinstance(
+            self.partial_success_status, bool
+        ):
+            raise ConfigError("Source.partial_success_status must be 207 or 200")
         for origin in self.allowed_origins:
             if origin != "*" and ("://" not in origin or origin.endswith("/")):
                 raise ConfigError(

@@ -21,6 +21,7 @@ Every key mirrors a keyword of :class:`~fp_collect.config.CollectorConfig`, and 
     allowed_origins = ["https://www.rosebudmotels.com"]
     session_timeout = 1800          # seconds, or false for no sessions
     strict_event_names = false
+    partial_success_status = 207    # or 200 for rudder-sdk-python
     restrictions = { bots = "flag", email_open_window = 600, confirmation_dedup = true }
     rules = [
       { type = "rename_event", from = "signup", to = "Signed Up" },
@@ -59,7 +60,7 @@ _RULES: dict[str, tuple[Callable[..., Rule], dict[str, str]]] = {
 }
 _SOURCE_KEYS = frozenset(
     {"write_key", "id", "name", "enabled", "allowed_origins", "session_timeout",
-     "strict_event_names", "rules", "restrictions"}
+     "strict_event_names", "rules", "restrictions", "partial_success_status"}
 )  # fmt: skip
 _TOP_KEYS = frozenset(
     {"storage", "prefix", "trusted_proxies", "read_tokens", "max_future_seconds",

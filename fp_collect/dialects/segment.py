@@ -281,7 +281,10 @@ class SegmentAPI:
                 )
         if not errors:
             return _accepted(batch)
-        status = HTTPStatus.MULTI_STATUS if batch.events else HTTPStatus.BAD_REQUEST
+        partial = HTTPStatus.MULTI_STATUS
+        if request_source is not None and request_source.partial_success_status == 200:
+            partial = HTTPStatus.OK
+        status = partial if batch.events else HTTPStatus.BAD_REQUEST
         answer = responses.json_response(
             status,
             {

@@ -51,6 +51,7 @@ rules = [
 [[workspaces.sources]]
 id = "app"
 write_key = "app-key"
+partial_success_status = 200
 """
 
 
@@ -69,6 +70,7 @@ def test_a_file_configures_workspaces_sources_and_rules(tmp_path: Path) -> None:
     assert loose.workspace == "default"
     assert (www.workspace, app.workspace) == ("rosebud", "rosebud")
     assert www.session_timeout is None and app.session_timeout == 1800
+    assert (www.partial_success_status, app.partial_success_status) == (207, 200)
     assert www.strict_event_names and www.allowed_origins == ("https://www.rosebudmotels.com",)
     assert www.rules.rules == (
         RenameEvent("signup", "Signed Up"),

@@ -21,6 +21,7 @@ import pytest
 
 from fp_collect import Collector, Limits, Request, Response, Source
 from fp_collect.dialects.segment import MESSAGE_TYPES
+from fp_collect.errors import ConfigError
 from fp_collect.responses import PIXEL_GIF
 
 FIXED = 1_700_000_000.123
@@ -797,6 +798,35 @@ def test_without_a_valid_key_a_refusal_is_kept_only_if_configured(
         collector = new_collector(record_unauthenticated=record)
         assert send(collector, "/v1/track", b"{", headers=headers).status == 400
         assert [(r.reason, r.source_id) for r in collector.store.rejections()] == expected
+
+
+@pytest.mark.parametrize("status", [207, 200])
+def test_a_partial_batch_is_answered_with_its_sources_status(status: int) -> None:
+    """rudder-sdk-python takes only 200 as success: its source may ask for 200, with the
+    same body naming the refused events."""
+    collector = Collector(
+        sources=[Source(write_key=LIVE_KEY, id=LIVE_ID, partial_success_status=status)],
+        storage="memory://",
+    )
+    items = [track(messageId="good"), track(messageId="bad", userId=None)]
+    response = send(
+        collector, "/v1/batch", {"batch": items}, headers={"authorization": basic(LIVE_KEY)}
+    )
+    assert response.status == status
+    assert answer(response)["code"] == "partial_success"
+    assert [(e["index"], e["code"]) for e in answer(response)["Errors"]] == [(1, "missing_user_id")]
+    assert [e["messageId"] for e in events(collector)] == ["good"]
+    # A batch refused whole stays a 400 either way.
+    refused = send(
+        collector, "/v1/batch", {"batch": items[1:]}, headers={"authorization": basic(LIVE_KEY)}
+    )
+    assert refused.status == 400
+
+
+@pytest.mark.parametrize("value", [204, 400, True, "200"])
+def test_partial_success_status_is_207_or_200(value: Any) -> None:
+    with pytest.raises(ConfigError, match="partial_success_status"):
+        Source(write_key=LIVE_KEY, partial_success_status=value)
 
 
 # -- what one small request can cost -----------------------------------------------------

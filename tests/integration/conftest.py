@@ -44,16 +44,14 @@ async def _echo(request: StarletteRequest) -> Response:
     return Response(await request.body(), media_type="application/octet-stream")
 
 
-def asgi_site(storage: str) -> tuple[Starlette, Collector]:
-    collector = Collector(
-        sources=[Source(write_key=WRITE_KEY, id=SOURCE_ID)], storage=storage, prefix=PREFIX
-    )
+def asgi_site(storage: str, source: Source) -> tuple[Starlette, Collector]:
+    collector = Collector(sources=[source], storage=storage, prefix=PREFIX)
     app = Starlette(routes=[Route("/", _home), Route("/echo", _echo, methods=["POST"])])
     app.add_middleware(asgi.CollectorMiddleware, collector=collector)
     return app, collector
 
 
-def wsgi_site(storage: str) -> tuple[Flask, Collector]:
+def wsgi_site(storage: str, source: Source) -> tuple[Flask, Collector]:
     app = Flask("fp_collect_integration")
 
     @app.get("/")
@@ -64,9 +62,7 @@ def wsgi_site(storage: str) -> tuple[Flask, Collector]:
     def echo() -> bytes:
         return request.get_data()
 
-    collector = wsgi.init_app(
-        app, sources=[Source(write_key=WRITE_KEY, id=SOURCE_ID)], storage=storage, prefix=PREFIX
-    )
+    collector = wsgi.init_app(app, sources=[source], storage=storage, prefix=PREFIX)
     return app, collector
 
 
@@ -144,18 +140,22 @@ class Servers:
         self._stack = ExitStack()
         self._count = 0
 
-    def start(self, kind: str, wrap: Callable[[Any], Any] | None = None) -> Running:
-        """Serve a fresh site; ``wrap`` puts a test middleware around the whole app."""
+    def start(
+        self, kind: str, wrap: Callable[[Any], Any] | None = None, **source_options: Any
+    ) -> Running:
+        """Serve a fresh site; ``wrap`` puts a test middleware around the whole app;
+        ``source_options`` configure its one source."""
+        source = Source(write_key=WRITE_KEY, id=SOURCE_ID, **source_options)
         self._count += 1
         storage = f"sqlite:///{self._tmp_path / f'{kind}-{self._count}.db'}"
         stack = ExitStack()
         if kind == "asgi":
-            site, collector = asgi_site(storage)
+            site, collector = asgi_site(storage, source)
             app: Any = wrap(site) if wrap else site
             # uvicorn's lifespan shutdown closes the collector (CollectorMiddleware).
             port = stack.enter_context(run_uvicorn(app))
         elif kind == "wsgi":
-            flask_app, collector = wsgi_site(storage)
+            flask_app, collector = wsgi_site(storage, source)
             stack.callback(collector.close)  # no lifespan in WSGI: close it ourselves
             app = wrap(flask_app) if wrap else flask_app
             port = stack.enter_context(run_werkzeug(app))

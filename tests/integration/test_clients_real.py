@@ -142,7 +142,9 @@ def segment_client(
     )
 
 
-def rudder_client(running: Any, *, errors: Errors, sync: bool, gzip: bool) -> RudderClient:
+def rudder_client(
+    running: Any, *, errors: Errors, sync: bool, gzip: bool, upload_interval: float = 0.05
+) -> RudderClient:
     return RudderClient(
         WRITE_KEY,
         host=running.host,
@@ -151,7 +153,7 @@ def rudder_client(running: Any, *, errors: Errors, sync: bool, gzip: bool) -> Ru
         on_error=errors,
         max_retries=2,
         timeout=10,
-        upload_interval=0.05,
+        upload_interval=upload_interval,
     )
 
 
@@ -195,6 +197,25 @@ def test_clients_rudder_every_call_is_stored(
 
     assert errors.seen == []
     assert_all_stored(server, messages, rudder=True)
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_clients_rudder_takes_a_partial_batch_once_from_a_source_answering_200(
+    servers: Any, stop_clients: list[Any], kind: str
+) -> None:
+    """rudder-sdk-python takes only 200 as success: a 207 would make it send the whole
+    batch again. With ``partial_success_status=200`` it is sent once and not reported."""
+    running = servers.start(kind, partial_success_status=200)
+    errors = Errors()
+    # Both calls in one batch: the consumer waits up to a second for more after the first.
+    client = rudder_client(running, errors=errors, sync=False, gzip=True, upload_interval=1.0)
+    stop_clients.append(client)
+    _queued, good = client.track("rudder-user", "Button Clicked", {"n": 1})
+    client.group("rudder-user", "", {})  # no groupId: refused
+    client.flush()
+    assert errors.seen == []
+    assert [e.message_id for e in running.events()] == [good["messageId"]]
+    assert [r.reason for r in running.rejections()] == ["missing_group_id"]  # one attempt
 
 
 def test_clients_rudder_default_host_is_not_used(server: Any) -> None:
