@@ -216,11 +216,30 @@ def test_open_store_names_the_extra_when_the_driver_is_missing(
         open_store("mysql://127.0.0.1/test")
 
 
-def test_an_unreachable_server_at_open_is_store_unavailable() -> None:
+def test_an_unreachable_server_at_open_is_store_unavailable_for_a_reader() -> None:
     with socket.create_server(("127.0.0.1", 0)) as unused:
         port = unused.getsockname()[1]
     with pytest.raises(StoreUnavailable):
-        PostgresStore(f"postgresql://127.0.0.1:{port}/test?connect_timeout=2")
+        PostgresStore(f"postgresql://127.0.0.1:{port}/test?connect_timeout=2", create=False)
+
+
+def test_a_collector_store_opens_without_its_server_and_starts_when_it_is_back(
+    postgres_dsn: str, pg_schema: str, tcp_proxy: Callable[[str, int], Any]
+) -> None:
+    """The host app must start while its database is away: writes and reads fail as
+    unavailable (503) until the server is back, then the schema is made and all works."""
+    proxy = proxied(tcp_proxy, postgres_dsn)
+    proxy.cut()
+    url = with_query(proxy.url(postgres_dsn), schema=pg_schema, **OUTAGE_OPTIONS)
+    with PostgresStore(url) as store:
+        with pytest.raises(StoreUnavailable):
+            store.commit(Batch(events=[event("m-away")]), timeout=5)
+        with pytest.raises(StoreUnavailable):
+            list(store.events())
+        assert scalar(postgres_dsn, "SELECT to_regnamespace(%s)::text", (pg_schema,)) is None
+        proxy.restore()
+        assert store.commit(Batch(events=[event("m-back")]), timeout=10) == [STORED]
+        assert [e.message_id for e in store.events()] == ["m-back"]
 
 
 # -- exactness ----------------------------------------------------------------------------

@@ -103,6 +103,11 @@ class PostgresStore(Store):
         self._stall_timeout = options.statement_timeout + STALL_GRACE
         self._connect_kwargs: dict[str, Any] = dict(options.defaults)
         self._watchdog = Watchdog()
+        # Set once the schema is known to be current; until then (the server was away at
+        # start-up) the first connection that reads or writes makes sure of it.
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+        conn: Connection | None = None
         try:
             conn = self._connect()
             try:
@@ -110,6 +115,19 @@ class PostgresStore(Store):
             except BaseException:
                 conn.close()
                 raise
+            self._schema_ready = True
+        except StoreUnavailable as exc:
+            if not create:  # a reader: nothing to wait for
+                self._watchdog.stop()
+                raise
+            # The host app must start (and keep serving) while its database is away:
+            # collection answers 503 until the server is back, then carries on.
+            logger.warning(
+                "fp-collect: PostgreSQL is unavailable at start-up (%s); events are"
+                " answered 503 until it is back",
+                exc,
+            )
+            conn = None
         except BaseException:
             self._watchdog.stop()
             raise
@@ -187,6 +205,18 @@ class PostgresStore(Store):
         """The pool's check on checkout: a dead (or silent) connection is replaced."""
         with self._watchdog.watch(conn, self._stall_timeout):
             conn.execute("")
+
+    def _ready(self, conn: Connection) -> None:
+        """Make sure of the schema on ``conn``, if the server was away at start-up."""
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if not self._schema_ready:
+                try:
+                    self._ensure_schema(conn, create=True)
+                except ConfigError as exc:  # found late: no caller to raise it to
+                    raise StoreUnavailable(str(exc)) from exc
+                self._schema_ready = True
 
     def _ensure_schema(self, conn: Connection, create: bool) -> None:
         schema = self.options.schema
@@ -415,7 +445,9 @@ class PostgresStore(Store):
             if self._conn is None:
                 try:
                     self._conn = self._connect()
+                    self._ready(self._conn)
                 except StoreUnavailable as exc:
+                    self._drop_connection()
                     raise _Unreachable(str(exc)) from exc.__cause__
             watch: Watch | None = None
             try:
@@ -674,12 +706,14 @@ class PostgresStore(Store):
     def _read_connection(self) -> Iterator[Connection]:
         if not self._pool.closed:
             with self._pool.connection() as conn:
+                self._ready(conn)
                 yield conn
             return
         # After close, what is stored stays readable (as with every backend), on a
         # connection of its own.
         conn = self._connect()
         try:
+            self._ready(conn)
             yield conn
         finally:
             conn.close()
