@@ -227,6 +227,9 @@ class SegmentAPI:
             )
             if request_source is None and not item_keys:
                 raise invalid_write_key()
+            if request_source is not None:
+                # As on a single call: the request's own source refuses it whole (403).
+                self.pipeline.check_origin(request_source, incoming)
         except RequestRejected as rejected:
             key = request_key if request_key is not None else body.get("writeKey")
             source = self.pipeline.keys.resolve(key)

@@ -584,7 +584,8 @@ def test_asgi_cors_origin_not_allowed_for_the_source_is_403_json() -> None:
     assert "access-control-allow-origin" not in preflight.headers
 
 
-def test_asgi_cors_origin_not_allowed_in_a_batch_rejects_each_item() -> None:
+def test_asgi_cors_origin_not_allowed_for_a_batchs_source_is_403_json() -> None:
+    """As on a single call: the source the request authenticates as refuses it whole."""
     collector = make_collector(LOCKED)
     client = cors_client(collector)
 
@@ -594,12 +595,34 @@ def test_asgi_cors_origin_not_allowed_in_a_batch_rejects_each_item() -> None:
         headers={"origin": "https://evil.example", "authorization": basic(LOCKED_KEY)},
     )
 
-    assert response.status_code == 400
-    assert [e["code"] for e in response.json()["Errors"]] == ["origin_not_allowed"] * 2
+    assert response.status_code == 403
+    assert response.json()["code"] == "origin_not_allowed"
     assert list(collector.store.events()) == []
+    assert [(r.reason, r.source_id) for r in collector.store.rejections()] == [
+        ("origin_not_allowed", "src_locked")
+    ]
+
+
+def test_asgi_cors_origin_not_allowed_for_one_items_source_refuses_that_item() -> None:
+    collector = make_collector(LOCKED, Source(write_key=KEY, id="src_open"))
+    client = cors_client(collector)
+
+    response = client.post(
+        "/collect/v1/batch",
+        json={
+            "batch": [
+                {**track_body("m-locked"), "type": "track", "writeKey": LOCKED_KEY},
+                {**track_body("m-open"), "type": "track", "writeKey": KEY},
+            ]
+        },
+        headers={"origin": "https://evil.example"},
+    )
+
+    assert response.status_code == 207
+    assert [e["code"] for e in response.json()["Errors"]] == ["origin_not_allowed"]
+    assert [e.message_id for e in collector.store.events()] == ["m-open"]
     assert [(r.reason, r.message_id) for r in collector.store.rejections()] == [
-        ("origin_not_allowed", "m-a"),
-        ("origin_not_allowed", "m-b"),
+        ("origin_not_allowed", "m-locked")
     ]
 
 
