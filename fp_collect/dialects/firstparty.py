@@ -15,7 +15,7 @@ from http import HTTPStatus
 from fp_collect import responses
 from fp_collect.auth import invalid_write_key
 from fp_collect.config import Source
-from fp_collect.decoding import encode_event
+from fp_collect.decoding import encode_event, oversize_candidates
 from fp_collect.dialects import Route
 from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
@@ -112,6 +112,13 @@ class FirstpartyAPI:
         batch = Batch()
         # Per item: the position of its event in batch.events, or its error.
         slots: list[int | dict[str, object]] = []
+        max_event = self.limits.max_event_bytes
+        # As /v1/batch: only items a measure of their group cannot vouch for are measured.
+        to_measure = (
+            oversize_candidates(body, len(payload), max_event)
+            if len(payload) > max_event
+            else frozenset()
+        )
         for index, item in enumerate(body):
             source = None
             try:
@@ -119,6 +126,8 @@ class FirstpartyAPI:
                     raise ItemRejected(
                         "invalid_json", f"the event cannot be stored as JSON: {unstorable[index]}"
                     )
+                if index in to_measure and len(encode_event(item).encode()) > max_event:
+                    raise ItemRejected("event_too_large", f"event larger than {max_event} bytes")
                 if not isinstance(item, dict):
                     raise ItemRejected("invalid_event", "each event must be a JSON object")
                 source = self._source(request, item.get("write_key") or shared_key)

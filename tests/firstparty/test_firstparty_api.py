@@ -192,6 +192,20 @@ def test_bulk_of_more_events_than_the_limit_is_refused_once(collector: Collector
     assert [r.reason for r in collector.store.rejections()] == ["payload_too_large"]
 
 
+def test_bulk_refuses_an_event_over_the_per_event_limit_alone(collector: Collector) -> None:
+    """15 KiB per event, as on /events/track and in a /v1/batch."""
+    big = {"event": "Page Viewed", "write_key": KEY, "properties": {"x": "y" * 16_000}}
+    small = {"event": "Page Viewed", "write_key": KEY}
+    answer = post(collector, "/events/track/bulk", [small, big, small])
+    assert [(r["success"], r.get("code")) for r in answer["events"]] == [
+        (True, None),
+        (False, "event_too_large"),
+        (True, None),
+    ]
+    assert len(list(collector.store.events())) == 2
+    assert [(r.reason, r.index) for r in collector.store.rejections()] == [("event_too_large", 1)]
+
+
 def test_bulk_whole_body_problems_are_200_and_recorded(collector: Collector) -> None:
     answer = post(collector, "/events/track/bulk", {"events": "nope"})
     assert answer["success"] is False and answer["code"] == "invalid_batch"
