@@ -11,8 +11,14 @@ from collections.abc import Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
-from werkzeug.wsgi import get_input_stream
+try:
+    from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+    from werkzeug.wsgi import get_input_stream
+except ImportError as exc:  # say which extra brings it, as the stores do
+    raise ImportError(
+        "fp_collect.adapters.wsgi needs werkzeug: install fp-collect's 'flask' extra"
+        " (pip install 'fp-collect[flask]', or '.[flask]' in a checkout)"
+    ) from exc
 
 from fp_collect import responses
 from fp_collect.collector import Collector

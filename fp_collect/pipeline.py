@@ -224,9 +224,10 @@ class Pipeline:
         pattern = crawler_pattern(incoming.user_agent)
         if pattern is None:
             return ()
+        # Quoted as written in the list: repr() would double its regex backslashes.
         if policy == "drop":
-            raise Discarded(BOT, f"browser traffic from a crawler (user agent matches {pattern!r})")
-        return (f"bot: user agent matches crawler pattern {pattern!r}",)
+            raise Discarded(BOT, f"browser traffic from a crawler (user agent matches '{pattern}')")
+        return (f"bot: user agent matches crawler pattern '{pattern}'",)
 
     # -- record -----------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -445,3 +447,10 @@ def test_wsgi_cors_origin_not_allowed_is_403_json() -> None:
     assert "access-control-allow-origin" not in response.headers
     assert list(collector.store.events()) == []
     assert [r.reason for r in collector.store.rejections()] == ["origin_not_allowed"]
+
+
+def test_wsgi_adapter_without_werkzeug_names_the_extra_to_install() -> None:
+    code = "import sys; sys.modules['werkzeug'] = None; import fp_collect.adapters.wsgi"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "install fp-collect's 'flask' extra" in result.stderr

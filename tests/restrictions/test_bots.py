@@ -84,6 +84,8 @@ def test_the_flag_policy_stores_with_a_marker_found_by_flagged_queries(
     [flagged] = collector.store.events(Query(flagged=True))
     assert flagged.message_id == "crawled"
     assert any(w.startswith("bot: ") and "Googlebot" in w for w in flagged.warnings)
+    # The list's pattern as written (Googlebot\/), not its repr with doubled backslashes.
+    assert not any("\\\\" in w for w in flagged.warnings), flagged.warnings
     assert rejection_reasons(collector) == []
 
 
