@@ -46,7 +46,7 @@ export PORT="${PORT:-$DEFAULT_PORT}"
 export FP_COLLECT_STORAGE="${FP_COLLECT_STORAGE:-sqlite:///$ROOT/examples/example.db}"
 export FP_COLLECT_WRITE_KEY="${FP_COLLECT_WRITE_KEY:-example-write-key}"
 URL="http://127.0.0.1:$PORT"
-TRACK='{"userId":"user-1","event":"Tried It","properties":{"from":"curl"}}'
+TRACK='{"userId":"user-1","event":"Example Tried","properties":{"from":"curl"}}'
 
 cat <<INFO
 

@@ -118,7 +118,11 @@ PAGE = """<!doctype html>
 
     const status = document.getElementById("status");
     document.getElementById("buy").addEventListener("click", () => {
-      const order = { event: "Order Completed", properties: { product: "T-shirt", price: 20 } };
+      // An order id of its own: the confirmation restriction keeps one event per order.
+      const order = {
+        event: "Order Completed",
+        properties: { order_id: "order-" + Date.now(), product: "T-shirt", price: 20 },
+      };
       send("t", order).then(
         (response) => {
           status.textContent = response.ok

@@ -237,6 +237,8 @@ def test_starlette_page_script_events_are_stored(
         ("page", "Home"),
         ("track", "Order Completed"),
     ]
+    # The demo follows the README's own guidelines: nothing it sends is flagged.
+    assert cli(["events", "--storage", storage, "--flagged"]).objects == []
 
 
 HOSTILE_KEY = "</script><b>x"
