@@ -502,7 +502,11 @@ def normalise_message(message: Message, forced_type: str | None, max_message_id:
     if not (message.get("userId") or message.get("anonymousId")):
         raise ItemRejected("missing_user_id", "userId or anonymousId is required")
     if message_type == "track" and not message.get("event"):
-        raise ItemRejected("missing_event", "event is required for track")
+        # The seed's field table names it eventName (its examples, and every client, event).
+        alias = message.get("eventName")
+        if not isinstance(alias, str) or not alias:
+            raise ItemRejected("missing_event", "event is required for track")
+        message["event"] = message.pop("eventName")
     elif message_type == "group" and not message.get("groupId"):
         raise ItemRejected("missing_group_id", "groupId is required for group")
     elif message_type == "alias" and not message.get("previousId"):

@@ -756,6 +756,22 @@ def test_webhook_empty_query_key_means_no_key_for_a_batch_too(collector: Collect
     assert (batch.status, answer(batch)) == (200, {"success": True})
 
 
+def test_the_seeds_event_name_field_is_taken_as_event(collector: Collector) -> None:
+    """Seed 004's track table: "eventName | required | String"; its examples send event."""
+    body = {
+        "type": "track",
+        "userId": "1234qwerty",
+        "eventName": "Added File",
+        "writeKey": LIVE_KEY,
+    }
+    assert send(collector, "/v1/track", body).status == 200
+    [stored] = events(collector)
+    assert stored["event"] == "Added File" and "eventName" not in stored
+    assert [e.name for e in collector.store.events()] == ["Added File"]
+    refused = send(collector, "/v1/track", {**body, "eventName": ""})
+    assert (refused.status, answer(refused)["code"]) == (400, "missing_event")
+
+
 # -- who a refusal is recorded under --------------------------------------------------
 
 
