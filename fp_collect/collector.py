@@ -163,7 +163,11 @@ class Collector:
     # -- CORS ---------------------------------------------------------------------------
 
     def _origin_allowed(self, origin: str) -> bool:
-        return self._any_origin or origin in self._origins
+        if origin in self._origins:
+            return True
+        # "*" echoes the caller's origin, with credentials: never an opaque "null" one
+        # (sandboxed frames, file: pages) nor a value that is no single origin.
+        return self._any_origin and "://" in origin and not any(c in origin for c in ", \t")
 
     def _preflight(self, route: Route, request: Request) -> Response:
         origin = request.headers.get("origin")

@@ -555,6 +555,32 @@ def test_asgi_cors_preflight_then_credentialed_post() -> None:
     assert (event.source_id, event.message_id) == ("src_locked", "m-cors")
 
 
+@pytest.mark.parametrize(
+    ("origin", "echoed"),
+    [
+        ("https://anyone.example", True),
+        ("null", False),  # sandboxed frames, file: pages
+        ("https://a.example, https://b.example", False),
+        ("https://a.example https://b.example", False),
+    ],
+)
+def test_asgi_cors_any_origin_echoes_only_a_real_single_origin(origin: str, echoed: bool) -> None:
+    """A source allowing "*" has the caller's origin echoed with credentials: only ever
+    one real origin, never "null" or a list."""
+    client = cors_client(make_collector(SOURCE))
+    preflight = client.options(
+        "/collect/v1/track", headers={"origin": origin, "access-control-request-method": "POST"}
+    )
+    assert preflight.status_code == (204 if echoed else 403)
+    post = client.post(
+        "/collect/v1/track",
+        content=json.dumps(track_body("m-any")),
+        headers={"origin": origin, "content-type": "text/plain", "authorization": basic(KEY)},
+    )
+    assert post.status_code == 200
+    assert post.headers.get("access-control-allow-origin") == (origin if echoed else None)
+
+
 def test_asgi_cors_origin_not_allowed_for_the_source_is_403_json() -> None:
     collector = make_collector(LOCKED)
     client = cors_client(collector)
