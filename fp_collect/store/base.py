@@ -62,7 +62,7 @@ class IdentityOp:
 
     * ``profile_id`` given: that profile (followed through merges); created with that id
       when unknown and ``create`` allows it (unknown, not created and with ``lookups``:
-      as if no ``profile_id`` were given);
+      as if no ``profile_id`` were given; so is a profile of another scope, always);
     * otherwise the profiles owning any of ``identities`` or ``lookups``. None: a new
       profile with id ``new_profile_id`` (unless ``create`` is False: the event is then
       refused as ``unknown_user``). Several: with ``merge`` (identify, alias) they become

@@ -32,6 +32,9 @@ class IdentityGraph(Protocol):
 
     def created_at(self, profile_id: str) -> float: ...
 
+    def scope_of(self, profile_id: str) -> str:
+        """The workspace of a profile that exists."""
+
     def create_profile(self, profile_id: str, scope: str, at: float) -> None: ...
 
     def attach(self, scope: str, identity: Identity, profile_id: str) -> None: ...
@@ -108,7 +111,12 @@ def resolve_profile(graph: IdentityGraph, op: IdentityOp) -> str | None:
     """The profile the event belongs to, created or merged as ``op`` says; None when the
     profile must already exist and does not."""
     profile = None if op.profile_id is None else graph.canonical(op.profile_id)
-    if profile is None and op.profile_id is not None and (op.create or not op.lookups):
+    foreign = profile is not None and graph.scope_of(profile) != op.scope
+    if foreign:
+        # Another workspace's profile is not this event's to name (ids are public, and a
+        # Firstparty client may choose its own): resolved as if no id were given.
+        profile = None
+    elif profile is None and op.profile_id is not None and (op.create or not op.lookups):
         if not op.create:
             return None
         graph.create_profile(op.profile_id, op.scope, op.at)

@@ -68,6 +68,9 @@ class _Graph:
     def created_at(self, profile_id: str) -> float:
         return self.profiles[profile_id].created_at
 
+    def scope_of(self, profile_id: str) -> str:
+        return self.profiles[profile_id].scope
+
     def create_profile(self, profile_id: str, scope: str, at: float) -> None:
         self.profiles[profile_id] = _Profile(scope, at)
 

@@ -779,6 +779,10 @@ class _SQLGraph:
         created: float = self._one("SELECT created_at FROM profiles WHERE id = ?", (profile_id,))
         return created
 
+    def scope_of(self, profile_id: str) -> str:
+        scope: str = self._one("SELECT scope FROM profiles WHERE id = ?", (profile_id,))
+        return scope
+
     def create_profile(self, profile_id: str, scope: str, at: float) -> None:
         row = (profile_id, scope, at)
         if self._deferred:

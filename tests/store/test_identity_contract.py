@@ -198,3 +198,23 @@ def test_an_unknown_profile_id_falls_back_to_its_lookups_when_none_may_be_made(
     nobody = commit_one(store, record(op(profile_id="nobody", lookups=(ANON,), create=False)))
     assert (nobody.stored, nobody.profile_id) == (False, None)
     assert store.profile("u-1") is None and store.profile("nobody") is None
+
+
+def test_a_profile_id_of_another_workspace_is_as_if_none_were_given(store: Store) -> None:
+    """Profile ids are public (answered to clients) and may be chosen by one: another
+    workspace's profile is never joined, found or changed through its id."""
+    theirs = commit_one(store, record(op(scope="ws-a", profile_id="PR-A")))
+    assert theirs.profile_id == "PR-A"
+    ours = commit_one(store, record(op(USER, scope="ws-b", new_profile_id="PR-B")))
+    named = commit_one(
+        store, record(op(scope="ws-b", profile_id="PR-A", create=False, lookups=(USER,)))
+    )
+    assert named.profile_id == ours.profile_id == "PR-B"
+    alone = commit_one(store, record(op(scope="ws-b", profile_id="PR-A", create=False)))
+    assert (alone.stored, alone.profile_id) == (False, None)
+    created = commit_one(
+        store, record(op(ANON, scope="ws-b", profile_id="PR-A", new_profile_id="PR-C"))
+    )
+    assert created.profile_id == "PR-C"
+    profile = store.profile("PR-A")
+    assert profile is not None and profile.scope == "ws-a" and profile.identities == ()

@@ -144,6 +144,30 @@ def test_users_of_another_workspace_are_unknown(make_harness: Any) -> None:
     )
 
 
+@pytest.mark.parametrize("storage", ["memory", "sqlite"])
+def test_a_profile_id_of_another_workspace_finds_nothing_there(
+    make_harness: Any, storage: str
+) -> None:
+    """Workspace a's profile "42" (a Firstparty client's own id) is not workspace b's to
+    change: b's _id "42" finds b's user 42, and a's profile keeps its traits."""
+    harness = make_harness(
+        "core",
+        storage,
+        workspaces=[
+            Workspace("a", sources=[Source(write_key=KEY, id="shop")]),
+            Workspace("b", sources=[Source(write_key=OTHER_KEY, id="blog")]),
+        ],
+        sources=[],
+    )
+    assert harness.fp_track("Page Viewed", profile_id="42") == "42"
+    harness.identify("42", key=OTHER_KEY)
+    answer = harness.event({"_id": "42"}, {"update": {"plan": "pro"}}, key=OTHER_KEY)
+    theirs = results(answer)["profile_id"]
+    assert theirs != "42"
+    assert harness.profile(theirs).traits == {"plan": "pro"}
+    assert harness.profile("42").traits == {}
+
+
 def test_a_source_of_the_same_workspace_shares_the_user(harness: Any) -> None:
     harness.identify("u-ann", traits=ANN)
     answer = harness.event(ANN, {"update": {"app": True}}, key=OTHER_KEY)

@@ -60,6 +60,10 @@ class PGGraph:
         created: float = self._one("created_at", (profile_id,))
         return created
 
+    def scope_of(self, profile_id: str) -> str:
+        scope: str = self._one("profile_scope", (profile_id,))
+        return scope
+
     def create_profile(self, profile_id: str, scope: str, at: float) -> None:
         self._execute("create_profile", (profile_id, scope, at))
 

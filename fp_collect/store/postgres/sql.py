@@ -170,6 +170,7 @@ STATEMENTS = {
     "merged_into": "SELECT merged_into FROM {s}.profiles WHERE id = %s",
     "merged_into_locked": "SELECT merged_into FROM {s}.profiles WHERE id = %s FOR NO KEY UPDATE",
     "created_at": "SELECT created_at FROM {s}.profiles WHERE id = %s",
+    "profile_scope": "SELECT scope FROM {s}.profiles WHERE id = %s",
     "create_profile": (
         "INSERT INTO {s}.profiles (id, scope, created_at, traits) VALUES (%s, %s, %s, '{}')"
     ),

@@ -264,6 +264,9 @@ class Graph:
     def created_at(self, profile_id: str) -> float:
         return float(self.tx.hget(self.keys.profile(profile_id), "created_at") or "nan")
 
+    def scope_of(self, profile_id: str) -> str:
+        return str(self.tx.hget(self.keys.profile(profile_id), "scope") or "")
+
     def create_profile(self, profile_id: str, scope: str, at: float) -> None:
         key = self.keys.profile(profile_id)
         if not self.tx.absent(key, "created_at"):
