@@ -119,8 +119,13 @@ class FirstpartyAPI:
             if len(payload) > max_event
             else frozenset()
         )
+        header_key = self.pipeline.request_credential(request)
         for index, item in enumerate(body):
-            source = None
+            # Known before anything is checked, so every refusal is its source's.
+            own_key = item.get("write_key") if isinstance(item, dict) else None
+            source = self.pipeline.keys.resolve(
+                header_key if header_key is not None else own_key or shared_key
+            )
             try:
                 if index in unstorable:
                     raise ItemRejected(
@@ -130,7 +135,8 @@ class FirstpartyAPI:
                     raise ItemRejected("event_too_large", f"event larger than {max_event} bytes")
                 if not isinstance(item, dict):
                     raise ItemRejected("invalid_event", "each event must be a JSON object")
-                source = self._source(request, item.get("write_key") or shared_key)
+                if source is None:
+                    raise invalid_write_key()
                 batch.events.append(self._event(item, source, incoming))
                 slots.append(len(batch.events) - 1)
             except (RequestRejected, ItemRejected, Discarded) as rejected:

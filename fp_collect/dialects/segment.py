@@ -246,6 +246,9 @@ class SegmentAPI:
         errors: list[dict[str, object]] = []
         for index, item in enumerate(items):
             source = request_source
+            if source is None and isinstance(item, dict):
+                # Known before anything is checked, so every refusal is its source's.
+                source = self.pipeline.keys.resolve(item.get("writeKey"))
             # As the client sent it: normalising the item generates one when it has none.
             raw_id = item.get("messageId") if isinstance(item, dict) else None
             try:
@@ -263,9 +266,7 @@ class SegmentAPI:
                 if not isinstance(item, dict):
                     raise ItemRejected("invalid_event", "each batch item must be a JSON object")
                 if source is None:
-                    source = self.pipeline.keys.resolve(item.get("writeKey"))
-                    if source is None:
-                        raise ItemRejected("invalid_write_key", "Invalid or missing writekey")
+                    raise ItemRejected("invalid_write_key", "Invalid or missing writekey")
                 if not source.allows_origin(incoming.origin):
                     raise ItemRejected("origin_not_allowed", "Origin not allowed for this source")
                 defaults.apply(item)
@@ -278,9 +279,12 @@ class SegmentAPI:
                 if self.pipeline.keeps(record):
                     batch.rejections.append(record)
             except Discarded as discarded:
-                # Answered like the stored ones: the client must not send it again.
+                # Answered like the stored ones: the client must not send it again. Recorded
+                # under the id it was read with (generated if it had none), as a single call's.
                 batch.rejections.append(
-                    self.pipeline.item_rejection(discarded, incoming, item, index, source, raw_id)
+                    self.pipeline.item_rejection(
+                        discarded, incoming, item, index, source, item.get("messageId")
+                    )
                 )
         if not errors:
             return _accepted(batch)
@@ -385,7 +389,7 @@ class BatchDefaults:
         context: Message | None,
         integrations: Message | None,
         sent_at: object,
-        timestamp: str | None = None,
+        timestamp: object = None,
     ) -> None:
         self.context = context
         self.integrations = integrations
@@ -406,16 +410,9 @@ class BatchDefaults:
                 raise RequestRejected(
                     HTTPStatus.BAD_REQUEST, "invalid_batch", f"batch-level {name} must be an object"
                 )
+        # Unlike sentAt, it becomes the events' own time: a bad one is injected as it is,
+        # and refuses (alone) each event that takes it, as its own bad timestamp would.
         timestamp = body.get("timestamp")
-        # Unlike sentAt, it would become the events' own time: a bad one is no default.
-        if timestamp is not None and (
-            not isinstance(timestamp, str) or parse_iso(timestamp) is None
-        ):
-            raise RequestRejected(
-                HTTPStatus.BAD_REQUEST,
-                "invalid_batch",
-                "batch-level timestamp must be an ISO-8601 date string",
-            )
         sent_at = body.get("sentAt")
         # A malformed batch sentAt only disables skew correction; it costs no event.
         if not isinstance(sent_at, str) or parse_iso(sent_at) is None:

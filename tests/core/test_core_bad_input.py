@@ -845,6 +845,21 @@ def test_partial_success_status_is_207_or_200(value: Any) -> None:
         Source(write_key=LIVE_KEY, partial_success_status=value)
 
 
+def test_an_event_refused_in_a_batch_keyed_per_event_is_its_keys_sources() -> None:
+    """Refused before it is read (too big a number here), an event carrying a valid key
+    is still recorded under that source, even when unauthenticated refusals are not."""
+    collector = new_collector(record_unauthenticated=False)
+    good = json.dumps(track(writeKey=LIVE_KEY, messageId="good")).encode()
+    bad = (
+        b'{"type":"track","event":"C","userId":"u","writeKey":"live-key","n":18446744073709551617}'
+    )
+    response = send(collector, "/v1/batch", b'{"batch":[' + good + b"," + bad + b"]}")
+    assert response.status == 207
+    assert [(r.reason, r.index, r.source_id) for r in collector.store.rejections()] == [
+        ("invalid_json", 1, LIVE_ID)
+    ]
+
+
 # -- what one small request can cost -----------------------------------------------------
 
 
@@ -958,16 +973,19 @@ def test_a_batch_level_timestamp_is_the_time_of_items_without_one(collector: Col
 
 
 @pytest.mark.parametrize("timestamp", ["yesterday", 1700000000, {}])
-def test_a_bad_batch_level_timestamp_refuses_the_batch(
+def test_a_bad_batch_level_timestamp_refuses_only_the_events_that_take_it(
     collector: Collector, timestamp: object
 ) -> None:
-    body = {"writeKey": LIVE_KEY, "timestamp": timestamp, "batch": [track()]}
+    """As an event's own bad timestamp would: the events with a time of their own stay."""
+    items = [track(messageId="inherits"), track(messageId="own", timestamp="2023-11-14T22:00:00Z")]
+    body = {"writeKey": LIVE_KEY, "timestamp": timestamp, "batch": items}
     response = send(collector, "/v1/batch", body)
-    assert response.status == 400
-    assert answer(response)["code"] == "invalid_batch"
-    assert "batch-level timestamp" in answer(response)["message"]
-    assert events(collector) == []
-    assert reasons(collector) == ["invalid_batch"]
+    assert response.status == 207
+    assert [(e["index"], e["code"]) for e in answer(response)["Errors"]] == [
+        (0, "invalid_timestamp")
+    ]
+    assert [e["messageId"] for e in events(collector)] == ["own"]
+    assert reasons(collector) == ["invalid_timestamp"]
 
 
 @pytest.mark.parametrize(

@@ -206,6 +206,30 @@ def test_bulk_refuses_an_event_over_the_per_event_limit_alone(collector: Collect
     assert [(r.reason, r.index) for r in collector.store.rejections()] == [("event_too_large", 1)]
 
 
+@pytest.mark.parametrize("keyed", ["basic", "shared"])
+def test_bulk_refusals_with_a_valid_key_are_its_sources_whatever_the_setting(
+    clock: Clock, keyed: str
+) -> None:
+    collector = Collector(
+        sources=[Source(write_key=KEY, id="fp")],
+        storage="memory://",
+        prefix="/fp",
+        record_unauthenticated=False,
+        clock=clock,
+    )
+    events: list[Any] = [{"event": "Page Viewed"}, 7]
+    if keyed == "basic":
+        auth = "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()
+        answer = post(collector, "/events/track/bulk", events, authorization=auth)
+    else:
+        answer = post(collector, "/events/track/bulk", {"events": events, "write_key": KEY})
+    assert [r["success"] for r in answer["events"]] == [True, False]
+    assert [(r.reason, r.index, r.source_id) for r in collector.store.rejections()] == [
+        ("invalid_event", 1, "fp")
+    ]
+    collector.close()
+
+
 def test_bulk_whole_body_problems_are_200_and_recorded(collector: Collector) -> None:
     answer = post(collector, "/events/track/bulk", {"events": "nope"})
     assert answer["success"] is False and answer["code"] == "invalid_batch"
