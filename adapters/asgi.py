@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import Any
 
+from fp_collect import responses
 from fp_collect.collector import Collector
 from fp_collect.dialects import Route
 from fp_collect.http import Request, Response, content_length
@@ -72,7 +73,10 @@ class CollectorMiddleware:
         try:
             request = await _read_request(scope, receive, route, path)
         except ClientGone:
-            return  # nothing of its body is processed: nobody is left to answer
+            # Nothing of its body is processed. An answer still goes out (servers drop it)
+            # because middleware around this app may insist on one.
+            await _send_response(send, responses.unreadable_body("the client went away"))
+            return
         response = await self.collector.handle_async(route, request)
         await _send_response(send, response)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 from collections.abc import Iterable
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -23,7 +22,7 @@ except ImportError as exc:  # say which extra brings it, as the stores do
 from fp_collect import responses
 from fp_collect.collector import Collector
 from fp_collect.dialects import Route
-from fp_collect.http import Request, Response, content_length
+from fp_collect.http import Request, content_length
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -60,7 +59,7 @@ class CollectorMiddleware:
             request = _read_request(environ, route, path)
         except BodyUnreadable as exc:
             # Nothing of it is processed: a client that left gets no answer and retries.
-            response = _unreadable(str(exc))
+            response = responses.unreadable_body(str(exc))
         else:
             response = self.collector.handle(route, request)
         start_response(
@@ -95,13 +94,6 @@ class BodyUnreadable(Exception):
     went away before sending all of it."""
 
 
-def _unreadable(reason: str) -> Response:
-    body = responses.single_error(
-        HTTPStatus.BAD_REQUEST, "invalid_body", "The request body could not be read", reason
-    )
-    return responses.json_response(HTTPStatus.BAD_REQUEST, body)
-
-
 def _read_request(environ: WSGIEnvironment, route: Route, path: str) -> Request:
     headers: dict[str, str] = {}
     for key, value in environ.items():
@@ -128,9 +120,13 @@ def _read_request(environ: WSGIEnvironment, route: Route, path: str) -> Request:
             except RequestEntityTooLarge:
                 too_large = True
             except ClientDisconnected as exc:
-                raise BodyUnreadable("the client went away before the body ended") from exc
-            except (OSError, ValueError) as exc:  # e.g. werkzeug's "Invalid chunk header"
-                raise BodyUnreadable(f"the body is not readable HTTP: {exc}"[:200]) from exc
+                # werkzeug raises it for a client gone mid-body and, wrapping the server's
+                # error, for broken chunked framing ("Invalid chunk header"): say which.
+                cause = exc.__cause__ or exc.__context__
+                detail = f": {cause}" if cause is not None else ""
+                raise BodyUnreadable(f"the body ended before it was whole{detail}"[:200]) from exc
+            except (OSError, ValueError) as exc:  # a server's own stream, unwrapped
+                raise BodyUnreadable(f"the body could not be read: {exc}"[:200]) from exc
             if len(body) > limit:
                 body, too_large = b"", True
             elif declared is not None and len(body) < declared:

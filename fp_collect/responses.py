@@ -61,3 +61,12 @@ def single_error(
 
 
 _SUCCESS = object()
+
+
+def unreadable_body(reason: str) -> Response:
+    """The adapters' answer to a body they could not read whole: broken framing, or a
+    client gone before its end. Nothing of such a request is processed or recorded."""
+    body = single_error(
+        HTTPStatus.BAD_REQUEST, "invalid_body", "The request body could not be read", reason
+    )
+    return json_response(HTTPStatus.BAD_REQUEST, body)

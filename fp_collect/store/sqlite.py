@@ -210,9 +210,10 @@ class SQLiteStore(Store):
         self._path = os.fspath(path)
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
-        if not create:
-            self._require_existing()
-        self._create_schema()
+        if create:
+            self._create_schema()
+        else:
+            self._require_current()
         self._writes = WriteQueue(f"SQLite store {self._path!r} is closed")
         # The one write connection, used only by whoever holds ``self._writes.writing``:
         # the writer thread, or a caller of commit() writing its own batch.
@@ -233,9 +234,10 @@ class SQLiteStore(Store):
             check_same_thread=False,
         )
 
-    def _require_existing(self) -> None:
+    def _require_current(self) -> None:
         """For a reader (``create=False``): the file must exist and hold fp-collect's
-        tables, looked at read-only, so that a wrong path creates nothing."""
+        current tables. Looked at read-only: a reader creates, converts and migrates
+        nothing (a collector using the file migrates it)."""
         if not os.path.isfile(self._path):
             raise ConfigError(f"no SQLite store at {self._path!r} (nothing was created)")
         uri = f"file:{urllib.parse.quote(os.path.abspath(self._path))}?mode=ro"
@@ -244,10 +246,18 @@ class SQLiteStore(Store):
                 found = conn.execute(
                     "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
                 ).fetchone()
+                version = (
+                    found and conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+                )
         except sqlite3.Error as exc:
             raise ConfigError(f"{self._path!r} is not a SQLite store: {exc}") from exc
         if found is None:
             raise ConfigError(f"{self._path!r} holds no fp-collect store (nothing was created)")
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"{self._path!r} has schema version {version}, expected {SCHEMA_VERSION};"
+                " nothing was changed (a collector using this file migrates it)"
+            )
 
     def _create_schema(self) -> None:
         try:

@@ -335,9 +335,14 @@ def test_wsgi_a_body_cut_short_is_not_processed_even_when_it_parses() -> None:
 
 
 @pytest.mark.parametrize(
-    "error", [OSError("Invalid chunk header"), ClientDisconnected(), ValueError("bad size")]
+    ("error", "detail"),
+    [
+        (OSError("Invalid chunk header"), "Invalid chunk header"),
+        (ValueError("bad size"), "bad size"),
+        (ClientDisconnected(), "the body ended before it was whole"),
+    ],
 )
-def test_wsgi_an_unreadable_body_is_a_json_400_not_a_500(error: Exception) -> None:
+def test_wsgi_an_unreadable_body_is_a_json_400_not_a_500(error: Exception, detail: str) -> None:
     app = plain_app()
     environ = environ_for(
         "/collect/v1/batch",
@@ -348,7 +353,8 @@ def test_wsgi_an_unreadable_body_is_a_json_400_not_a_500(error: Exception) -> No
     )
     status, headers, body = call(app, environ)
     assert status.startswith("400") and headers["content-type"] == "application/json"
-    assert json.loads(body)["code"] == "invalid_body"
+    answer = json.loads(body)
+    assert answer["code"] == "invalid_body" and detail in answer["Details"]
     assert list(app.collector.store.events()) == []
 
 

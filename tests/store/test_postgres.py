@@ -223,6 +223,31 @@ def test_an_unreachable_server_at_open_is_store_unavailable_for_a_reader() -> No
         PostgresStore(f"postgresql://127.0.0.1:{port}/test?connect_timeout=2", create=False)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"path": "/no_such_database_here"},
+        {"user": "no_such_role_here"},
+        {"query": "sslmode=bogus"},
+    ],
+    ids=["database", "role", "option"],
+)
+def test_a_url_the_server_refuses_still_fails_at_open(
+    postgres_dsn: str, change: dict[str, str]
+) -> None:
+    """Only an outage is waited out at start-up: a wrong database, role or option is a
+    configuration error, found when the app starts (waiting would never mend it)."""
+    parts = urlsplit(postgres_dsn)
+    if "user" in change:
+        parts = parts._replace(netloc=f"{change['user']}@{parts.hostname}:{parts.port or 5432}")
+    if "path" in change:
+        parts = parts._replace(path=change["path"])
+    if "query" in change:
+        parts = parts._replace(query=change["query"])
+    with pytest.raises(StoreUnavailable):
+        PostgresStore(parts.geturl())
+
+
 def test_a_collector_store_opens_without_its_server_and_starts_when_it_is_back(
     postgres_dsn: str, pg_schema: str, tcp_proxy: Callable[[str, int], Any]
 ) -> None:

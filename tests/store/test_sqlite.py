@@ -485,3 +485,18 @@ def test_a_reader_creates_no_file_and_opens_only_a_store(tmp_path: Path) -> None
     reader = open_store(f"sqlite:///{existing}", create=False)
     assert [e.message_id for e in reader.events()] == ["m-1"]
     reader.close()
+
+
+def test_a_reader_of_an_older_file_migrates_and_converts_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    open_store(f"sqlite:///{path}").close()
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.execute("UPDATE schema_version SET version = 3")
+        conn.commit()
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="schema version 3"):
+        open_store(f"sqlite:///{path}", create=False)
+    assert path.read_bytes() == before
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)

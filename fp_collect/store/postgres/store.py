@@ -117,7 +117,7 @@ class PostgresStore(Store):
                 raise
             self._schema_ready = True
         except StoreUnavailable as exc:
-            if not create:  # a reader: nothing to wait for
+            if not create or _misconfigured(exc):  # nothing that waiting would mend
                 self._watchdog.stop()
                 raise
             # The host app must start (and keep serving) while its database is away:
@@ -728,6 +728,21 @@ class PostgresStore(Store):
             self._writer.join()
         self._pool.close()
         self._watchdog.stop()
+
+
+# What libpq says when the server answered, and will answer again, that this URL is
+# wrong: its role, password, database or rights (FATAL at start-up, not one of the
+# transient states below), or an option libpq itself refuses.
+_TRANSIENT_FATAL = ("starting up", "shutting down", "recovery", "too many", "connection slots")
+_BAD_OPTION = ("invalid connection option", "invalid sslmode", "invalid integer value")
+
+
+def _misconfigured(exc: StoreUnavailable) -> bool:
+    """Whether a failure to connect at start-up is the URL's fault, not an outage."""
+    text = str(exc.__cause__ or exc)
+    if "FATAL:" in text:
+        return not any(state in text for state in _TRANSIENT_FATAL)
+    return any(option in text for option in _BAD_OPTION)
 
 
 def _stored_event(row: Row) -> StoredEvent:
