@@ -137,7 +137,9 @@ class FirstpartyAPI:
                     raise ItemRejected("invalid_event", "each event must be a JSON object")
                 if source is None:
                     raise invalid_write_key()
-                batch.events.append(self._event(item, source, incoming))
+                event = self._event(item, source, incoming)
+                event.index = index
+                batch.events.append(event)
                 slots.append(len(batch.events) - 1)
             except (RequestRejected, ItemRejected, Discarded) as rejected:
                 raw_id = item.get("message_id") if isinstance(item, dict) else None

@@ -270,7 +270,9 @@ class SegmentAPI:
                 if not source.allows_origin(incoming.origin):
                     raise ItemRejected("origin_not_allowed", "Origin not allowed for this source")
                 defaults.apply(item)
-                batch.events.append(self._event(item, None, source, incoming, defaults.sent_at))
+                event = self._event(item, None, source, incoming, defaults.sent_at)
+                event.index = index
+                batch.events.append(event)
             except ItemRejected as rejected:
                 record = self.pipeline.item_rejection(
                     rejected, incoming, item, index, source, raw_id

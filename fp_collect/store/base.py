@@ -115,8 +115,10 @@ class EventRecord:
     session: SessionOp | None = None
     # Why the event is flagged though stored: rule errors, event-name guidelines.
     warnings: tuple[str, ...] = ()
-    # The path it came in on, kept with the rejection when the store refuses it.
+    # The path it came in on, and its place in a batch: kept with the rejection when the
+    # store refuses it (a duplicate, a restriction's claim).
     endpoint: str = ""
+    index: int | None = None
 
 
 @dataclass(slots=True)
@@ -430,6 +432,7 @@ def refused_record(event: EventRecord, outcome: Outcome) -> RejectionRecord:
         received_at=event.received_at,
         endpoint=event.endpoint,
         payload=event.payload,
+        index=event.index,
         message_id=event.message_id,
     )
 

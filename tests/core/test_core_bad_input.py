@@ -860,6 +860,14 @@ def test_an_event_refused_in_a_batch_keyed_per_event_is_its_keys_sources() -> No
     ]
 
 
+def test_a_duplicate_inside_a_batch_is_recorded_with_its_index(collector: Collector) -> None:
+    items = [track(messageId="a"), track(messageId="b"), track(messageId="a")]
+    assert send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": items}).status == 200
+    assert [(r.reason, r.index) for r in collector.store.rejections()] == [
+        ("duplicate_message_id", 2)
+    ]
+
+
 # -- what one small request can cost -----------------------------------------------------
 
 
