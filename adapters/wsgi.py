@@ -123,8 +123,12 @@ def _read_request(environ: WSGIEnvironment, route: Route, path: str) -> Request:
                 # werkzeug raises it for a client gone mid-body and, wrapping the server's
                 # error, for broken chunked framing ("Invalid chunk header"): say which.
                 cause = exc.__cause__ or exc.__context__
-                detail = f": {cause}" if cause is not None else ""
-                raise BodyUnreadable(f"the body ended before it was whole{detail}"[:200]) from exc
+                reason = (
+                    "the client went away before the body ended"
+                    if cause is None
+                    else f"the body could not be read: {cause}"
+                )
+                raise BodyUnreadable(reason[:200]) from exc
             except (OSError, ValueError) as exc:  # a server's own stream, unwrapped
                 raise BodyUnreadable(f"the body could not be read: {exc}"[:200]) from exc
             if len(body) > limit:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+import ujson
+
 from fp_collect.auth import KeyRing, basic_username, invalid_write_key
 from fp_collect.clientip import ClientAddress
 from fp_collect.config import CollectorConfig, Source
@@ -62,6 +64,23 @@ class Prepared:
     batch: Batch
     respond: Callable[[Sequence[Outcome]], Response]
     unavailable: Response
+
+
+def _key_in_body(payload: bytes | str) -> object:
+    """The write key a refused body names, if it can be read at all: its own, else its
+    first event's (a Segment batch, a Firstparty bulk body). Only on the refusal path."""
+    try:
+        body = ujson.loads(payload)
+    except (ValueError, OverflowError):
+        return None
+    if isinstance(body, dict):
+        key = body.get("writeKey") or body.get("write_key")
+        if key:
+            return key
+        body = body.get("batch") or body.get("events")
+    if isinstance(body, list) and body and isinstance(body[0], dict):
+        return body[0].get("writeKey") or body[0].get("write_key")
+    return None
 
 
 def require_object(value: object) -> Message:
@@ -240,12 +259,15 @@ class Pipeline:
     ) -> list[RejectionRecord]:
         """The record of a refused request (empty when configured not to keep it).
 
-        Refused before its source was known (a body that could not be read, say), it
-        is still that source's when the request's Basic credential names one: only a
-        request with no valid key is unauthenticated.
+        Refused before its source was known (a value that cannot be stored, a batch too
+        long, say), it is still that source's when a key it carries names one: its Basic
+        credential, else its body's key (or its first event's). Only a request with no
+        valid key is unauthenticated.
         """
         if source is None:
             source = self.keys.resolve(basic_username(incoming.authorization))
+        if source is None:
+            source = self.keys.resolve(_key_in_body(payload))
         if source is None and not self.config.record_unauthenticated:
             return []
         return [

@@ -44,7 +44,6 @@ import os
 import sqlite3
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
@@ -240,9 +239,10 @@ class SQLiteStore(Store):
         nothing (a collector using the file migrates it)."""
         if not os.path.isfile(self._path):
             raise ConfigError(f"no SQLite store at {self._path!r} (nothing was created)")
-        uri = f"file:{urllib.parse.quote(os.path.abspath(self._path))}?mode=ro"
+        # An ordinary connection that only reads, not mode=ro: a read-only one cannot
+        # remove the -wal and -shm files it makes beside a WAL-mode file.
         try:
-            with closing(sqlite3.connect(uri, uri=True, timeout=self._busy_timeout)) as conn:
+            with closing(sqlite3.connect(self._path, timeout=self._busy_timeout)) as conn:
                 found = conn.execute(
                     "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
                 ).fetchone()

@@ -339,7 +339,7 @@ def test_wsgi_a_body_cut_short_is_not_processed_even_when_it_parses() -> None:
     [
         (OSError("Invalid chunk header"), "Invalid chunk header"),
         (ValueError("bad size"), "bad size"),
-        (ClientDisconnected(), "the body ended before it was whole"),
+        (ClientDisconnected(), "the client went away before the body ended"),
     ],
 )
 def test_wsgi_an_unreadable_body_is_a_json_400_not_a_500(error: Exception, detail: str) -> None:

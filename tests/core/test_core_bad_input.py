@@ -796,6 +796,38 @@ def test_a_refusal_with_a_valid_basic_key_is_that_sources(
     assert [(r.reason, r.source_id) for r in collector.store.rejections()] == [(reason, LIVE_ID)]
 
 
+BIG = b"18446744073709551617"  # beyond 64 bits: refused before the body's key is read
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "reason"),
+    [
+        (
+            "/v1/track",
+            b'{"writeKey":"live-key","userId":"u","event":"E","n":' + BIG + b"}",
+            "invalid_json",
+        ),
+        (
+            "/v1/batch",
+            b'{"batch":'
+            + b"["
+            + b",".join([b'{"writeKey":"live-key","type":"track","userId":"u","event":"E"}'] * 2501)
+            + b"]}",
+            "payload_too_large",
+        ),
+        ("/events/track", b'{"write_key":"live-key","event":"E","n":' + BIG + b"}", "invalid_json"),
+        ("/events/track/bulk", b'{"write_key":"live-key","events":"nope"}', "invalid_batch"),
+    ],
+    ids=["track-huge-int", "batch-keys-per-event-too-long", "firstparty-huge-int", "bulk-shape"],
+)
+def test_a_refusal_whose_body_names_a_valid_key_is_that_sources(
+    path: str, body: bytes, reason: str
+) -> None:
+    collector = new_collector(record_unauthenticated=False)
+    send(collector, path, body, headers={"content-type": "application/json"})
+    assert [(r.reason, r.source_id) for r in collector.store.rejections()] == [(reason, LIVE_ID)]
+
+
 def test_a_batch_refused_for_its_shape_is_its_body_keys_sources(collector: Collector) -> None:
     response = send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": []})
     assert response.status == 400

@@ -473,6 +473,7 @@ def test_a_reader_creates_no_file_and_opens_only_a_store(tmp_path: Path) -> None
     assert not missing.exists()
     other = tmp_path / "other.db"
     with closing(sqlite3.connect(other)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("CREATE TABLE notes (text TEXT)")
     before = other.read_bytes()
     with pytest.raises(ConfigError, match="holds no fp-collect store"):
@@ -485,6 +486,8 @@ def test_a_reader_creates_no_file_and_opens_only_a_store(tmp_path: Path) -> None
     reader = open_store(f"sqlite:///{existing}", create=False)
     assert [e.message_id for e in reader.events()] == ["m-1"]
     reader.close()
+    # Not even the -wal and -shm files a read-only connection would leave behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.db", "other.db"]
 
 
 def test_a_reader_of_an_older_file_migrates_and_converts_nothing(tmp_path: Path) -> None:
