@@ -104,8 +104,15 @@ class FirstpartyAPI:
                     'the body must be an array of events or {"events": [...]}',
                 )
             self.pipeline.check_batch_size(len(body))
-            if not self._any_valid_key(request, shared_key, body):
-                raise invalid_write_key()  # refused once, not event by event
+            # Each event's source, resolved once, before anything is checked, so that every
+            # refusal is its source's. With none valid, the body is refused once.
+            header_key = self.pipeline.request_credential(request)
+            sources = [
+                self.pipeline.keys.resolve(_event_key(item, header_key, shared_key))
+                for item in body
+            ]
+            if not any(sources):
+                raise invalid_write_key()
         except RequestRejected as rejected:
             return self._refused(rejected, incoming, payload, None)
 
@@ -119,13 +126,7 @@ class FirstpartyAPI:
             if len(payload) > max_event
             else frozenset()
         )
-        header_key = self.pipeline.request_credential(request)
-        for index, item in enumerate(body):
-            # Known before anything is checked, so every refusal is its source's.
-            own_key = item.get("write_key") if isinstance(item, dict) else None
-            source = self.pipeline.keys.resolve(
-                header_key if header_key is not None else own_key or shared_key
-            )
+        for index, (item, source) in enumerate(zip(body, sources, strict=True)):
             try:
                 if index in unstorable:
                     raise ItemRejected(
@@ -164,17 +165,6 @@ class FirstpartyAPI:
         return Prepared(batch, respond, _UNAVAILABLE)
 
     # -- shared steps -----------------------------------------------------------------
-
-    def _any_valid_key(self, request: Request, shared_key: object, items: list[object]) -> bool:
-        """Whether any event of a bulk body can be authenticated (a Basic credential
-        speaks for them all; else the shared key or the events' own)."""
-        header_key = self.pipeline.request_credential(request)
-        if header_key is not None:
-            return self.pipeline.keys.resolve(header_key) is not None
-        resolve = self.pipeline.keys.resolve
-        return resolve(shared_key) is not None or any(
-            isinstance(item, dict) and resolve(item.get("write_key")) is not None for item in items
-        )
 
     def _source(self, request: Request, body_key: object) -> Source:
         header_key = self.pipeline.request_credential(request)
@@ -307,3 +297,12 @@ def _discarded(reason: str) -> dict[str, object]:
 
 def _error(code: str, message: str) -> dict[str, object]:
     return {"success": False, "code": code, "message": message}
+
+
+def _event_key(item: object, header_key: str | None, shared_key: object) -> object:
+    """The key an event of a bulk body is authenticated with: a Basic credential speaks
+    for every event, else the event's own ``write_key``, else the body's shared one."""
+    if header_key is not None:
+        return header_key
+    own = item.get("write_key") if isinstance(item, dict) else None
+    return own or shared_key

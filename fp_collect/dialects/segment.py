@@ -219,13 +219,18 @@ class SegmentAPI:
             if request_key is None and isinstance(body.get("writeKey"), str):
                 request_key = body["writeKey"]
             request_source = self.pipeline.keys.resolve(request_key)
-            # Keys per item only if one of them is valid: a batch with no valid key at all
-            # is refused once, not item by item.
-            item_keys = request_key is None and any(
-                isinstance(item, dict) and self.pipeline.keys.resolve(item.get("writeKey"))
-                for item in items
-            )
-            if request_source is None and not item_keys:
+            # Without a request key, each item's own, resolved once here so that every
+            # refusal below is its source's. A batch with no valid key at all is refused
+            # once, not item by item.
+            item_sources = None
+            if request_key is None:
+                item_sources = [
+                    self.pipeline.keys.resolve(item.get("writeKey"))
+                    if isinstance(item, dict)
+                    else None
+                    for item in items
+                ]
+            if request_source is None and not (item_sources and any(item_sources)):
                 raise invalid_write_key()
             if request_source is not None:
                 # As on a single call: the request's own source refuses it whole (403).
@@ -245,10 +250,7 @@ class SegmentAPI:
         batch = Batch()
         errors: list[dict[str, object]] = []
         for index, item in enumerate(items):
-            source = request_source
-            if source is None and isinstance(item, dict):
-                # Known before anything is checked, so every refusal is its source's.
-                source = self.pipeline.keys.resolve(item.get("writeKey"))
+            source = request_source if item_sources is None else item_sources[index]
             # As the client sent it: normalising the item generates one when it has none.
             raw_id = item.get("messageId") if isinstance(item, dict) else None
             try:
