@@ -295,13 +295,13 @@ class SegmentAPI:
         partial = HTTPStatus.MULTI_STATUS
         if request_source is not None and request_source.partial_success_status == 200:
             partial = HTTPStatus.OK
-        status = partial if batch.events else HTTPStatus.BAD_REQUEST
+        status, code = (partial, "partial_success") if batch.events else _all_refused(errors)
         answer = responses.json_response(
             status,
             {
                 "Success": False,
                 "Errors": errors,
-                "code": "partial_success" if batch.events else "invalid_batch",
+                "code": code,
                 "message": f"{len(errors)} of {len(items)} events rejected",
             },
         )
@@ -561,6 +561,14 @@ def _item_error(index: int, message_id: str | None, rejected: ItemRejected) -> d
         "messageId": message_id,
         "code": rejected.reason,
     }
+
+
+def _all_refused(errors: list[dict[str, object]]) -> tuple[HTTPStatus, str]:
+    """The status and code of a batch none of whose events was stored: 400, unless every
+    refusal was an over-size event, which the seed answers 413 (clients retry neither)."""
+    if all(error["code"] == "event_too_large" for error in errors):
+        return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "event_too_large"
+    return HTTPStatus.BAD_REQUEST, "invalid_batch"
 
 
 def _accepted(batch: Batch) -> Prepared:

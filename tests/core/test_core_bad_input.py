@@ -293,6 +293,28 @@ def test_one_event_over_15_kib_in_a_batch_is_refused_alone(collector: Collector)
     )
 
 
+def test_a_batch_whose_every_event_is_over_15_kib_is_413(collector: Collector) -> None:
+    """Seed 004: over the per-call limit is 413, also when a batch holds nothing else."""
+    items = [sized_event(MAX_CALL + 1, messageId=f"big-{i}") for i in range(2)]
+    response = send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": items})
+    assert response.status == 413
+    body = answer(response)
+    assert (body["code"], body["message"]) == ("event_too_large", "2 of 2 events rejected")
+    assert [(e["index"], e["code"]) for e in body["Errors"]] == [
+        (0, "event_too_large"),
+        (1, "event_too_large"),
+    ]
+    assert events(collector) == []
+    assert sorted(str(r.message_id) for r in collector.store.rejections()) == ["big-0", "big-1"]
+
+
+def test_a_batch_refused_whole_for_mixed_reasons_is_400(collector: Collector) -> None:
+    items = [sized_event(MAX_CALL + 1, messageId="big"), track(messageId="bad", userId=None)]
+    response = send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": items})
+    assert (response.status, answer(response)["code"]) == (400, "invalid_batch")
+    assert [e["code"] for e in answer(response)["Errors"]] == ["event_too_large", "missing_user_id"]
+
+
 def nested(depth: int) -> bytes:
     """A JSON object nested ``depth`` levels deep."""
     return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
