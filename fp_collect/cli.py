@@ -83,6 +83,21 @@ def _add(
     registry.append(_EnvOption(action.dest, env, convert, many, default))
 
 
+def _add_switch(
+    parser: argparse.ArgumentParser,
+    registry: list[_EnvOption],
+    flag: str,
+    *,
+    env: str,
+    help: str,
+) -> None:
+    """A flag that takes no value; its environment variable takes true or false."""
+    action = parser.add_argument(
+        flag, action="store_const", const=True, default=None, help=f"{help} [env: {env}]"
+    )
+    registry.append(_EnvOption(action.dest, env, _switch, default=False))
+
+
 def _apply_env(
     args: argparse.Namespace, options: Sequence[_EnvOption], environ: Mapping[str, str]
 ) -> None:
@@ -139,6 +154,15 @@ def _instant(text: str) -> str:
         f"{text!r} is not an ISO-8601 date or date-time "
         "(e.g. 2024-05-01, 2024-05-01T12:00:00Z or 2024-05-01T14:00:00+02:00)"
     )
+
+
+def _switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError("must be true or false (1, yes, on / 0, no, off)")
 
 
 def _nonempty(text: str) -> str:
@@ -299,9 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this type: track, page, screen, identify, group or alias",
     )
     _add_window(events, event_options)
-    events.add_argument(
+    _add_switch(
+        events,
+        event_options,
         "--flagged",
-        action="store_true",
+        env="FP_COLLECT_FLAGGED",
         help="only events stored with warnings (a failed rule, an event name that breaks "
         "the naming guidelines); each line then shows the warnings beside the event",
     )

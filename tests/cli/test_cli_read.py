@@ -331,3 +331,24 @@ def test_reading_page_by_page_changes_nothing(
     paged = cli([*args, "--storage", store_url])
     assert (paged.status, paged.out) == (0, whole.out)
     assert whole.lines
+
+
+def test_flagged_comes_from_the_environment_too(
+    cli: RunCLI, store_url: str, tmp_path: Path
+) -> None:
+    flagged = cli(["events", "--storage", store_url, "--flagged"])
+    assert flagged.status == 0 and flagged.objects, "the fixture stores a flagged event"
+    assert all(obj["warnings"] for obj in flagged.objects)
+    for on in ("1", "true", "Yes", " on "):
+        assert (
+            cli(["events"], env={"FP_COLLECT_STORAGE": store_url, "FP_COLLECT_FLAGGED": on}).out
+            == flagged.out
+        )
+    everything = cli(["events", "--storage", store_url])
+    assert len(everything.objects) > len(flagged.objects)
+    for off in ("0", "false", "no", ""):
+        result = cli(["events"], env={"FP_COLLECT_STORAGE": store_url, "FP_COLLECT_FLAGGED": off})
+        assert result.out == everything.out
+    wrong = cli(["events"], env={"FP_COLLECT_STORAGE": store_url, "FP_COLLECT_FLAGGED": "maybe"})
+    assert wrong.status == 2
+    assert "FP_COLLECT_FLAGGED='maybe'" in wrong.err and "true or false" in wrong.err
