@@ -48,6 +48,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
+from urllib.parse import quote
 
 import ujson
 
@@ -217,21 +218,49 @@ class SQLiteStore(Store):
         # The one write connection, used only by whoever holds ``self._writes.writing``:
         # the writer thread, or a caller of commit() writing its own batch.
         self._conn: sqlite3.Connection | None = None
+        # The file the write connection opened (device, inode), checked before each write.
+        self._opened: tuple[int, int] | None = None
         self._writer = threading.Thread(target=self._run, name="fp-collect-sqlite", daemon=True)
         self._writer.start()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, create: bool = False) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves; the module's implicit
         # transactions would start deferred ones, which fail under multi-process contention.
         # ``timeout`` is SQLite's busy timeout: wait for other processes' locks, then fail.
         # check_same_thread=False: the write connection passes between the writer thread
         # and commit()'s callers, never used by two at once (``WriteQueue.writing``).
+        # Only the schema's creation may create the file: once the store is open, a file
+        # that has gone is an error to report (503), not an empty store to start afresh.
+        mode = "rwc" if create else "rw"
         return sqlite3.connect(
-            self._path,
+            f"file:{quote(self._path)}?mode={mode}",
+            uri=True,
             timeout=self._busy_timeout,
             isolation_level=None,
             check_same_thread=False,
         )
+
+    def _write_connection(self) -> sqlite3.Connection:
+        """The write connection, (re)opened on the file now at the store's path.
+
+        SQLite keeps writing into a file that was removed (or replaced) under an open
+        connection, and every event answered as stored would be lost with it: so the
+        path is looked at before each write, and a file that has gone is an error (503)
+        until a store is at that path again.
+        """
+        at_path = _file_identity(self._path)
+        if self._conn is not None and (at_path is None or at_path != self._opened):
+            self._conn.close()
+            self._conn = None
+        if self._conn is None:
+            if at_path is None:
+                raise StoreUnavailable(
+                    f"no SQLite store at {self._path!r}: the file was removed while in use"
+                )
+            self._conn = self._connect()
+            self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            self._opened = at_path
+        return self._conn
 
     def _require_current(self) -> None:
         """For a reader (``create=False``): the file must exist and hold fp-collect's
@@ -242,7 +271,7 @@ class SQLiteStore(Store):
         # An ordinary connection that only reads, not mode=ro: a read-only one cannot
         # remove the -wal and -shm files it makes beside a WAL-mode file.
         try:
-            with closing(sqlite3.connect(self._path, timeout=self._busy_timeout)) as conn:
+            with closing(self._connect()) as conn:
                 found = conn.execute(
                     "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
                 ).fetchone()
@@ -261,7 +290,7 @@ class SQLiteStore(Store):
 
     def _create_schema(self) -> None:
         try:
-            with closing(self._connect()) as conn:
+            with closing(self._connect(create=True)) as conn:
                 mode = self._enable_wal(conn)
                 if mode != "wal":
                     raise ConfigError(f"SQLite store {self._path!r} needs a file that supports WAL")
@@ -326,10 +355,7 @@ class SQLiteStore(Store):
     def _commit_group(self, group: list[Job]) -> None:
         results: list[tuple[Commit, list[Outcome] | BaseException]]
         try:
-            if self._conn is None:
-                self._conn = self._connect()
-                self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            conn = self._conn
+            conn = self._write_connection()
             self._begin(conn)
             try:
                 # Optimistically: the whole group in one transaction without savepoints
@@ -566,6 +592,15 @@ class SQLiteStore(Store):
         self._writes.close()
         if threading.current_thread() is not self._writer:
             self._writer.join()
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """The (device, inode) of the file at ``path``, None if there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _event_row(event: EventRecord, profile_id: str | None, session_id: str | None) -> _Row:

@@ -70,6 +70,55 @@ def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
     conn.close()
 
 
+def remove_store_files(path: Path) -> None:
+    for name in (path.name, path.name + "-wal", path.name + "-shm"):
+        (path.parent / name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("writer", ["writer thread", "caller"])
+def test_a_file_removed_while_in_use_is_unavailable_not_written(
+    tmp_path: Path, writer: str
+) -> None:
+    """SQLite would keep committing into the unlinked file: every event answered as
+    stored would be lost. The store refuses instead (503), creates nothing at the path,
+    and writes again once a store is there."""
+    path = tmp_path / "gone.db"
+    with SQLiteStore(path) as store:
+
+        def write(message_id: str) -> list[Outcome]:
+            batch = Batch(events=[event(message_id)])
+            if writer == "caller":
+                return store.commit(batch, timeout=5)
+            return store.submit(batch).result(timeout=5)
+
+        assert write("before") == [STORED]
+        remove_store_files(path)
+        with pytest.raises(StoreUnavailable, match="removed while in use"):
+            write("after-removal")
+        with pytest.raises(StoreUnavailable):
+            list(store.events())
+        with pytest.raises(StoreUnavailable):
+            write("still-gone")
+        assert not path.exists(), "neither a write nor a read may create an empty store"
+        # Another store (a restored copy, a new collector) at the path: writes resume there.
+        SQLiteStore(path).close()
+        assert write("restored") == [STORED]
+        assert [e.message_id for e in store.events()] == ["restored"]
+
+
+def test_a_file_replaced_while_in_use_is_written_where_it_now_is(tmp_path: Path) -> None:
+    path, other = tmp_path / "live.db", tmp_path / "other.db"
+    SQLiteStore(other).close()
+    with SQLiteStore(path) as store:
+        assert store.commit(Batch(events=[event("m1")])) == [STORED]
+        remove_store_files(path)
+        other.rename(path)  # e.g. a backup moved into place
+        assert store.commit(Batch(events=[event("m2")])) == [STORED]
+        assert store.submit(Batch(events=[event("m3")])).result(timeout=5) == [STORED]
+    with open_store(f"sqlite:///{path}", create=False) as reader:
+        assert [e.message_id for e in reader.events()] == ["m2", "m3"]
+
+
 @pytest.mark.parametrize("committing", ["none", "half"])
 def test_threads_store_each_message_id_once(tmp_path: Path, committing: str) -> None:
     """Eight threads write the same 200 message ids; with ``half``, every other thread
@@ -266,8 +315,8 @@ def _writer_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     statements: list[str] = []
     connect = SQLiteStore._connect
 
-    def traced(self: SQLiteStore) -> sqlite3.Connection:
-        conn = connect(self)
+    def traced(self: SQLiteStore, *, create: bool = False) -> sqlite3.Connection:
+        conn = connect(self, create=create)
         conn.set_trace_callback(statements.append)
         return conn
 
