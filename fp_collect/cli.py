@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -435,6 +436,9 @@ def _one_line(exc: BaseException) -> str:
 # -- reading -----------------------------------------------------------------------------
 
 
+_SILENT = logging.NullHandler()
+
+
 # Rows are read this many at a time, so memory stays bounded however much is stored
 # and `| head` stops the reading early.
 PAGE_SIZE = 1000
@@ -509,6 +513,9 @@ def _rejection_line(rejection: StoredRejection) -> str:
 
 def _open_for_reading(url: str) -> Store:
     """Open an existing store; never create one just to find it empty."""
+    # A failure is this command's one line on stderr: the drivers' own log lines (psycopg's
+    # pool reporting each connection it discards or cannot make) would only repeat it.
+    logging.getLogger("psycopg").addHandler(_SILENT)
     scheme, sep, rest = url.partition("://")
     if sep and scheme == "memory":
         raise CLIError(

@@ -29,7 +29,7 @@ from fp_collect.http import HeaderList, Request, Response
 from fp_collect.pipeline import Pipeline, Prepared
 from fp_collect.read_api import PROFILES_PATH, ReadAPI
 from fp_collect.store import Store, open_store
-from fp_collect.store.base import Batch, Outcome, Pending, RejectionRecord
+from fp_collect.store.base import Batch, Outcome, Pending, RejectionRecord, within
 from fp_collect.timestamps import format_iso
 
 logger = logging.getLogger("fp_collect")
@@ -123,7 +123,7 @@ class Collector:
         try:
             outcomes = self.store.commit(prepared.batch, self.config.commit_timeout)
         except (StoreUnavailable, FutureTimeout, OSError) as exc:
-            logger.warning("fp-collect store unavailable: %s", exc)
+            logger.warning("fp-collect store unavailable: %s", self._why_unavailable(exc))
             return self._with_cors(prepared.unavailable, request)
         return self._with_cors(prepared.respond(outcomes), request)
 
@@ -140,13 +140,19 @@ class Collector:
             commit = self.store.submit(prepared.batch)
             outcomes = await _committed(commit, self.config.commit_timeout)
         except (StoreUnavailable, asyncio.TimeoutError, OSError) as exc:
-            logger.warning("fp-collect store unavailable: %s", exc)
+            logger.warning("fp-collect store unavailable: %s", self._why_unavailable(exc))
             return self._with_cors(prepared.unavailable, request)
         return self._with_cors(prepared.respond(outcomes), request)
 
+    def _why_unavailable(self, exc: BaseException) -> str:
+        # A timeout's own text is empty.
+        return str(exc) or f"not committed within commit_timeout ({self.config.commit_timeout:g} s)"
+
     def _read(self, reader: Reader, request: Request) -> Response:
         try:
-            return reader(request)
+            # Answered 503 within commit_timeout, as a write is, when the store is down.
+            with within(self.config.commit_timeout):
+                return reader(request)
         except StoreUnavailable as exc:
             logger.warning("fp-collect store unavailable for a read: %s", exc)
             body = responses.single_error(

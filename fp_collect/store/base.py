@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -466,23 +467,36 @@ class Job:
     commit: Commit
 
 
-# When (time.monotonic()) a write that WriteQueue.commit_here does in its caller's thread
-# must be over: that caller is answered 503 after its timeout and cannot be answered
-# sooner than the write ends. None in every other context (the writer threads).
-_write_deadline: ContextVar[float | None] = ContextVar("fp_collect_write_deadline", default=None)
+# When (time.monotonic()) the store work a thread does for a waiting request must be
+# over: a write WriteQueue.commit_here does in its caller's thread, or a read the collector
+# serves. That request is answered 503 after its timeout and cannot be answered sooner
+# than the work ends. None in every other context (the writer threads, a script reading).
+_deadline: ContextVar[float | None] = ContextVar("fp_collect_deadline", default=None)
 
 
 def time_left() -> float | None:
-    """Seconds left for the write this thread is doing for a caller of
-    :meth:`WriteQueue.commit_here` (negative once past), or None when it has no limit."""
-    deadline = _write_deadline.get()
+    """Seconds left for the store work this thread does for a waiting request (a write
+    for a caller of :meth:`WriteQueue.commit_here`, a read under :func:`within`),
+    negative once past, or None when it has no limit."""
+    deadline = _deadline.get()
     return None if deadline is None else deadline - time.monotonic()
 
 
-def write_deadline() -> float | None:
-    """The ``time.monotonic()`` by which this thread's write must be over (see
+def request_deadline() -> float | None:
+    """The ``time.monotonic()`` by which this thread's store work must be over (see
     :func:`time_left`), or None."""
-    return _write_deadline.get()
+    return _deadline.get()
+
+
+@contextmanager
+def within(timeout: float | None) -> Iterator[None]:
+    """Bound the store work this thread does meanwhile by ``timeout`` seconds from now
+    (None: no bound): each store bounds its own waits by :func:`time_left`."""
+    token = _deadline.set(None if timeout is None else time.monotonic() + timeout)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
 
 
 class WriteQueue:
@@ -539,15 +553,14 @@ class WriteQueue:
             return self.submit(batch).result(timeout)
         if not self.writing.acquire(blocking=False):
             return self.submit(batch).result(timeout)
-        deadline = _write_deadline.set(None if timeout is None else time.monotonic() + timeout)
         try:
-            if self._closed:
-                raise StoreUnavailable(self._closed_message)
-            commit = Commit()
-            commit.set_running_or_notify_cancel()
-            write([Job(batch, commit)])
+            with within(timeout):
+                if self._closed:
+                    raise StoreUnavailable(self._closed_message)
+                commit = Commit()
+                commit.set_running_or_notify_cancel()
+                write([Job(batch, commit)])
         finally:
-            _write_deadline.reset(deadline)
             self.writing.release()
         return commit.result(0)
 

@@ -94,7 +94,9 @@ class SlowStore(MemoryStore):
         return future
 
 
-def test_a_request_answers_503_after_commit_timeout_and_its_event_is_still_stored() -> None:
+def test_a_request_answers_503_after_commit_timeout_and_its_event_is_still_stored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     store = SlowStore(delay=0.3)
     collector = Collector(sources=[Source(write_key="k")], store=store, commit_timeout=0.05)
     body = b'{"writeKey": "k", "userId": "u", "event": "Product Viewed", "messageId": "m-1"}'
@@ -104,6 +106,10 @@ def test_a_request_answers_503_after_commit_timeout_and_its_event_is_still_store
     response = asyncio.run(collector.handle_async(route, request))
     assert response.status == 503
     assert ("retry-after", "5") in response.headers
+    # The log says why, though a timeout's own text is empty.
+    assert [r.getMessage() for r in caplog.records if r.name == "fp_collect"] == [
+        "fp-collect store unavailable: not committed within commit_timeout (0.05 s)"
+    ]
     # The writer finishes what it was given (polled; the bound only guards against a hang).
     for _ in range(200):
         if list(store.events()):

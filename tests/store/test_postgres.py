@@ -7,6 +7,7 @@ are simulated with the ``tcp_proxy`` fixture, never by touching the server.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import socket
 import sys
@@ -1052,6 +1053,91 @@ def test_http_answers_503_while_the_database_is_cut_and_200_after(
         assert track(port, "after")[0] == 200
         assert track(port, "after")[0] == 200  # a retry: stored once
     assert stored_ids(postgres_dsn, pg_schema) == Counter({"before": 1, "after": 1})
+
+
+def test_the_cli_reports_a_cut_mid_read_in_one_line(
+    postgres_dsn: str,
+    pg_schema: str,
+    tcp_proxy: Callable[[str, int], Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README's promise for the command: a problem is one line on stderr (exit 2),
+    even though psycopg's pool logs each broken connection it discards."""
+    from fp_collect import cli
+
+    with PostgresStore(with_query(postgres_dsn, schema=pg_schema)) as store:
+        store.commit(Batch(events=[event(f"m{i}") for i in range(30)]))
+    proxy = proxied(tcp_proxy, postgres_dsn)
+    monkeypatch.setattr(cli, "PAGE_SIZE", 10)
+    printed = cli._payload_line
+
+    def cut_after_the_first_page(event: Any) -> str:
+        if event.message_id == "m9":
+            proxy.cut()
+        return printed(event)
+
+    monkeypatch.setattr(cli, "_payload_line", cut_after_the_first_page)
+    # As in the command's own process: no handler anywhere (pytest installs its own).
+    monkeypatch.setattr(logging.root, "handlers", [])
+    url = with_query(proxy.url(postgres_dsn), schema=pg_schema, **OUTAGE_OPTIONS)
+    status = cli.main(["events", "--storage", url], environ={})
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert len(out.splitlines()) == 10  # the first page, then the cut
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("fp-collect events: error: PostgreSQL read failed")
+
+
+READ_TOKEN = "a-read-token-of-16-characters"
+
+
+@pytest.mark.parametrize("outage", ["cut", "stall"])
+def test_the_read_api_answers_503_by_its_commit_timeout_while_the_database_is_down(
+    postgres_dsn: str, pg_schema: str, tcp_proxy: Callable[[str, int], Any], outage: str
+) -> None:
+    """A read waits for a pooled connection, and the pool does not tell its waiters that
+    connecting fails: without the request's deadline a read waited the pool's whole
+    timeout (connect_timeout + statement_timeout + 1: here 33 s) to answer 503."""
+    from flask import Flask
+
+    from fp_collect.adapters.wsgi import init_app
+
+    proxy = proxied(tcp_proxy, postgres_dsn)
+    app = Flask(__name__)
+    commit_timeout = 1.0
+    collector = init_app(
+        app,
+        sources=[Source(write_key=WRITE_KEY, id="site")],
+        storage=with_query(
+            proxy.url(postgres_dsn), schema=pg_schema, statement_timeout=30, connect_timeout=2
+        ),
+        prefix="/collect",
+        commit_timeout=commit_timeout,
+        read_tokens=(READ_TOKEN,),
+    )
+    client = app.test_client()
+    bearer = {"Authorization": f"Bearer {READ_TOKEN}"}
+
+    def read() -> tuple[int, Any]:
+        response = client.get("/collect/events?source_id=site", headers=bearer)
+        return response.status_code, response.get_json()
+
+    try:
+        assert read() == (200, {"events": [], "next_cursor": None})
+        getattr(proxy, outage)()
+        for attempt in range(3):  # the pooled connection, then new ones
+            began = time.monotonic()
+            status, body = read()
+            assert (status, body["code"]) == (503, "store_unavailable"), attempt
+            assert time.monotonic() - began < commit_timeout + 5, attempt  # not 33 s
+        proxy.restore()
+        deadline = time.monotonic() + BOUND
+        while read()[0] != 200:
+            assert time.monotonic() < deadline, "reads did not resume"
+            time.sleep(0.2)
+    finally:
+        collector.close()
 
 
 def test_a_flask_request_answers_503_by_its_commit_timeout_while_the_database_stalls(

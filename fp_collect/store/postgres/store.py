@@ -705,7 +705,7 @@ class PostgresStore(Store):
     @contextmanager
     def _read_connection(self) -> Iterator[Connection]:
         if not self._pool.closed:
-            with self._pool.connection() as conn:
+            with self._pool.connection(timeout=self._pool_wait()) as conn:
                 self._ready(conn)
                 yield conn
             return
@@ -717,6 +717,17 @@ class PostgresStore(Store):
             yield conn
         finally:
             conn.close()
+
+    def _pool_wait(self) -> float:
+        """How long a read waits for a pooled connection: the pool's timeout, or what the
+        request it serves has left (the pool does not tell waiters that connecting fails:
+        in an outage they would wait the whole timeout)."""
+        left = time_left()
+        if left is None:
+            return float(self._pool.timeout)
+        if left <= 0:
+            raise StoreUnavailable("PostgreSQL read not begun: the request's commit_timeout passed")
+        return min(float(self._pool.timeout), left)
 
     # -- lifecycle -----------------------------------------------------------------------
 

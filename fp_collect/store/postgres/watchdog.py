@@ -9,17 +9,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
-from fp_collect.store.base import write_deadline
+from fp_collect.store.base import request_deadline
 from fp_collect.store.postgres.sql import Connection
 
 
 class Watch:
     """One connection being watched: shut down if it stays silent past ``deadline``.
 
-    Made while writing for a caller of ``commit()`` (see ``WriteQueue.commit_here``),
-    the deadline never passes the time that caller has, or ``floor`` seconds from now if
-    that is later: ``cut_short`` tells whether it was that limit rather than the server's
-    silence that ended the connection.
+    Made while working for a waiting request (writing for a caller of ``commit()``, see
+    ``WriteQueue.commit_here``, or reading for the collector), the deadline never passes
+    the time that request has, or ``floor`` seconds from now if that is later:
+    ``cut_short`` tells whether it was that limit rather than the server's silence that
+    ended the connection.
     """
 
     __slots__ = ("_cap", "_sock", "_wake", "deadline", "fired", "timeout")
@@ -28,7 +29,7 @@ class Watch:
         self, conn: Connection, timeout: float, wake: Callable[[], None], floor: float = 0.0
     ) -> None:
         self.timeout = timeout
-        cap = write_deadline()
+        cap = request_deadline()
         self._cap = None if cap is None else max(cap, time.monotonic() + floor)
         self._wake = wake
         self.deadline = self._capped(time.monotonic() + timeout)
