@@ -1089,6 +1089,25 @@ def test_the_cli_reports_a_cut_mid_read_in_one_line(
     assert err.startswith("fp-collect events: error: PostgreSQL read failed")
 
 
+def flask_site(storage: str, commit_timeout: float, **options: Any) -> tuple[Any, Collector]:
+    """A Flask site with a home page and the collector under /collect."""
+    from flask import Flask
+
+    from fp_collect.adapters.wsgi import init_app
+
+    app = Flask(__name__)
+    app.add_url_rule("/", "home", lambda: "home")
+    collector = init_app(
+        app,
+        sources=[Source(write_key=WRITE_KEY, id="site")],
+        storage=storage,
+        prefix="/collect",
+        commit_timeout=commit_timeout,
+        **options,
+    )
+    return app, collector
+
+
 READ_TOKEN = "a-read-token-of-16-characters"
 
 
@@ -1099,23 +1118,12 @@ def test_the_read_api_answers_503_by_its_commit_timeout_while_the_database_is_do
     """A read waits for a pooled connection, and the pool does not tell its waiters that
     connecting fails: without the request's deadline a read waited the pool's whole
     timeout (connect_timeout + statement_timeout + 1: here 33 s) to answer 503."""
-    from flask import Flask
-
-    from fp_collect.adapters.wsgi import init_app
-
     proxy = proxied(tcp_proxy, postgres_dsn)
-    app = Flask(__name__)
     commit_timeout = 1.0
-    collector = init_app(
-        app,
-        sources=[Source(write_key=WRITE_KEY, id="site")],
-        storage=with_query(
-            proxy.url(postgres_dsn), schema=pg_schema, statement_timeout=30, connect_timeout=2
-        ),
-        prefix="/collect",
-        commit_timeout=commit_timeout,
-        read_tokens=(READ_TOKEN,),
+    storage = with_query(
+        proxy.url(postgres_dsn), schema=pg_schema, statement_timeout=30, connect_timeout=2
     )
+    app, collector = flask_site(storage, commit_timeout, read_tokens=(READ_TOKEN,))
     client = app.test_client()
     bearer = {"Authorization": f"Bearer {READ_TOKEN}"}
 
@@ -1147,23 +1155,12 @@ def test_a_flask_request_answers_503_by_its_commit_timeout_while_the_database_st
     end that write in time. With the store's timeouts at half a minute, a stalled server
     must still cost the request no more than its commit_timeout (plus libpq's 2 s to try
     a new connection, once the stalled one is given up)."""
-    from flask import Flask
-
-    from fp_collect.adapters.wsgi import init_app
-
     proxy = proxied(tcp_proxy, postgres_dsn)
-    app = Flask(__name__)
-    app.add_url_rule("/", "home", lambda: "home")
     commit_timeout = 1.0
-    collector = init_app(
-        app,
-        sources=[Source(write_key=WRITE_KEY, id="site")],
-        storage=with_query(
-            proxy.url(postgres_dsn), schema=pg_schema, statement_timeout=30, connect_timeout=30
-        ),
-        prefix="/collect",
-        commit_timeout=commit_timeout,
+    storage = with_query(
+        proxy.url(postgres_dsn), schema=pg_schema, statement_timeout=30, connect_timeout=30
     )
+    app, collector = flask_site(storage, commit_timeout)
     client = app.test_client()
     auth = {"Authorization": "Basic " + b64encode(f"{WRITE_KEY}:".encode()).decode()}
 
