@@ -110,7 +110,8 @@ def resolve_event(graph: IdentityGraph, event: EventRecord) -> Outcome:
 def resolve_profile(graph: IdentityGraph, op: IdentityOp) -> str | None:
     """The profile the event belongs to, created or merged as ``op`` says; None when the
     profile must already exist and does not."""
-    profile = None if op.profile_id is None else graph.canonical(op.profile_id)
+    survivors = _survivors(graph, op)
+    profile = None if op.profile_id is None else survivors[op.profile_id]
     foreign = profile is not None and graph.scope_of(profile) != op.scope
     if foreign:
         # Another workspace's profile is not this event's to name (ids are public, and a
@@ -122,7 +123,7 @@ def resolve_profile(graph: IdentityGraph, op: IdentityOp) -> str | None:
         graph.create_profile(op.profile_id, op.scope, op.at)
         profile = op.profile_id
     if profile is not None:
-        owners = _owners(graph, op)
+        owners = _owners(graph, op, survivors)
         if op.merge and any(other != profile for other in owners):
             # As without an explicit profile: the oldest survives (a login that finds
             # the email on a known profile moves onto it, as the seed describes).
@@ -133,7 +134,7 @@ def resolve_profile(graph: IdentityGraph, op: IdentityOp) -> str | None:
                     graph.merge(survivor, other)
             profile = survivor
     else:
-        owners = _owners(graph, op)
+        owners = _owners(graph, op, survivors)
         if not owners:
             if not op.create:
                 return None
@@ -171,12 +172,31 @@ def resolve_session(graph: IdentityGraph, op: SessionOp, profile: str) -> str:
     return session
 
 
-def _owners(graph: IdentityGraph, op: IdentityOp) -> list[str]:
+def _survivors(graph: IdentityGraph, op: IdentityOp) -> dict[str, str | None]:
+    """Every profile the op names, outright or as an identity's owner, with the surviving
+    profile it leads to (None: there is no such profile).
+
+    Followed in one order, sorted, whatever the op's: following a profile locks it where
+    the store locks rows (PostgreSQL), and two writers locking the same two profiles in
+    opposite orders (``track(u1, a1)`` and ``track(u2, a2)`` when u1 and a2 are one
+    person and u2 and a1 another) would deadlock.
+    """
+    named = {
+        owner
+        for identity in (*op.identities, *op.lookups)
+        if (owner := graph.owner(op.scope, identity)) is not None
+    }
+    if op.profile_id is not None:
+        named.add(op.profile_id)
+    return {profile_id: graph.canonical(profile_id) for profile_id in sorted(named)}
+
+
+def _owners(graph: IdentityGraph, op: IdentityOp, survivors: dict[str, str | None]) -> list[str]:
     """Distinct surviving profiles of the op's identities, in the op's order."""
     found: list[str] = []
     for identity in (*op.identities, *op.lookups):
         owner = graph.owner(op.scope, identity)
-        profile = graph.canonical(owner) if owner is not None else None
+        profile = survivors.get(owner) if owner is not None else None
         if profile is not None and profile not in found:
             found.append(profile)
     return found

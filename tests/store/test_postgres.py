@@ -455,6 +455,39 @@ def test_events_of_one_person_are_serialised_on_their_profile(
         assert store.redone_groups == 0  # waited for the lock: nothing to redo
 
 
+def test_an_event_naming_two_people_locks_them_in_one_order_whatever_its_own(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    """track(u2, a1), where u2 is PR2's and a1 is PR1's, must lock PR1 before PR2, as
+    every writer does: locked in the event's order, it and a writer of track(u1, a2)
+    would each hold one profile and wait for the other (a deadlock, found under load:
+    each costs a second, five in a row answer 503)."""
+    user = Identity("user_id", "u2")
+    with PostgresStore(pg_url) as store:
+        made = store.commit(
+            Batch(events=[event("m1", identity=visitor("a1", "PR1")),
+                          event("m2", identity=IdentityOp(scope="ws", at=100.0,
+                                identities=(user,), new_profile_id="PR2"))])
+        )  # fmt: skip
+        assert [o.profile_id for o in made] == ["PR1", "PR2"]
+        both = IdentityOp(scope="ws", at=101.0, identities=(user, Identity("anonymous_id", "a1")))
+        with uncommitted(
+            postgres_dsn, pg_schema, "SELECT 1 FROM {s}.profiles WHERE id = 'PR2' FOR NO KEY UPDATE"
+        ) as other:
+            # A lone single event: batch at a time, as a sync WSGI worker's commit.
+            future = store.submit(Batch(events=[event("m3", identity=both)]))
+            wait_until_blocked(postgres_dsn, pg_schema, unless=future)
+            assert not future.done()
+            # Blocked on PR2 with PR1 already locked: taking PR1 now must fail.
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                other.execute(
+                    f"SELECT 1 FROM \"{pg_schema}\".profiles WHERE id = 'PR1'"
+                    " FOR NO KEY UPDATE NOWAIT"
+                )
+        [outcome] = future.result(TIMEOUT)
+        assert outcome.profile_id == "PR2"  # the userId's profile, as before
+
+
 @PATHS
 def test_a_duplicate_committed_meanwhile_is_a_duplicate_and_creates_nothing(
     postgres_dsn: str, pg_url: str, pg_schema: str, companion: bool
