@@ -26,6 +26,7 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any, cast
+from unittest import mock
 from urllib.parse import urlsplit
 
 import psycopg
@@ -455,37 +456,63 @@ def test_events_of_one_person_are_serialised_on_their_profile(
         assert store.redone_groups == 0  # waited for the lock: nothing to redo
 
 
+def two_people(store: PostgresStore) -> tuple[Identity, Identity]:
+    """PR1, known by anonymous id a1, and PR2 (made later: a larger id), by user id u2."""
+    user, anonymous = Identity("user_id", "u2"), Identity("anonymous_id", "a1")
+    second = IdentityOp(scope="ws", at=100.0, identities=(user,), new_profile_id="PR2")
+    made = store.commit(
+        Batch(events=[event("m1", identity=visitor("a1", "PR1")), event("m2", identity=second)])
+    )
+    assert [o.profile_id for o in made] == ["PR1", "PR2"]
+    return user, anonymous
+
+
+def assert_locked_first_then_waits(
+    dsn: str, schema: str, store: PostgresStore, batch: Batch
+) -> list[Outcome]:
+    """While another transaction holds PR2, ``batch`` must wait for it holding PR1: the
+    profiles locked in id order. Locked in the events' order (PR2 first), a writer of
+    the opposite order would hold one and wait for the other: a deadlock, found under
+    load (each costs a second; five in a row answered 503 with the store healthy)."""
+    lock = "SELECT 1 FROM {s}.profiles WHERE id = '%s' FOR NO KEY UPDATE"
+    with uncommitted(dsn, schema, lock % "PR2") as other:
+        future = store.submit(batch)
+        wait_until_blocked(dsn, schema, unless=future)
+        assert not future.done()
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            other.execute((lock % "PR1").replace("{s}", f'"{schema}"') + " NOWAIT")
+    return future.result(TIMEOUT)
+
+
 def test_an_event_naming_two_people_locks_them_in_one_order_whatever_its_own(
     postgres_dsn: str, pg_url: str, pg_schema: str
 ) -> None:
-    """track(u2, a1), where u2 is PR2's and a1 is PR1's, must lock PR1 before PR2, as
-    every writer does: locked in the event's order, it and a writer of track(u1, a2)
-    would each hold one profile and wait for the other (a deadlock, found under load:
-    each costs a second, five in a row answer 503)."""
-    user = Identity("user_id", "u2")
+    """track(u2, a1): the user id's profile comes first in the event, PR1 first in id
+    order. A lone single event goes batch at a time, as a sync WSGI worker's commit."""
     with PostgresStore(pg_url) as store:
-        made = store.commit(
-            Batch(events=[event("m1", identity=visitor("a1", "PR1")),
-                          event("m2", identity=IdentityOp(scope="ws", at=100.0,
-                                identities=(user,), new_profile_id="PR2"))])
-        )  # fmt: skip
-        assert [o.profile_id for o in made] == ["PR1", "PR2"]
-        both = IdentityOp(scope="ws", at=101.0, identities=(user, Identity("anonymous_id", "a1")))
-        with uncommitted(
-            postgres_dsn, pg_schema, "SELECT 1 FROM {s}.profiles WHERE id = 'PR2' FOR NO KEY UPDATE"
-        ) as other:
-            # A lone single event: batch at a time, as a sync WSGI worker's commit.
-            future = store.submit(Batch(events=[event("m3", identity=both)]))
-            wait_until_blocked(postgres_dsn, pg_schema, unless=future)
-            assert not future.done()
-            # Blocked on PR2 with PR1 already locked: taking PR1 now must fail.
-            with pytest.raises(psycopg.errors.LockNotAvailable):
-                other.execute(
-                    f"SELECT 1 FROM \"{pg_schema}\".profiles WHERE id = 'PR1'"
-                    " FOR NO KEY UPDATE NOWAIT"
-                )
-        [outcome] = future.result(TIMEOUT)
-        assert outcome.profile_id == "PR2"  # the userId's profile, as before
+        user, anonymous = two_people(store)
+        both = IdentityOp(scope="ws", at=101.0, identities=(user, anonymous))
+        batch = Batch(events=[event("m3", identity=both)])
+        [outcome] = assert_locked_first_then_waits(postgres_dsn, pg_schema, store, batch)
+        assert outcome.profile_id == "PR2"  # the user id's profile, as before
+
+
+def test_a_batch_redone_event_by_event_locks_its_people_in_one_order(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    """The events of a batch written batch at a time (after the set-wise path gave up)
+    lock their profiles first, in id order, as the set-wise path does."""
+    with PostgresStore(pg_url) as store:
+        user, anonymous = two_people(store)
+        batch = Batch(
+            events=[
+                event("m3", identity=IdentityOp(scope="ws", at=101.0, identities=(user,))),
+                event("m4", identity=IdentityOp(scope="ws", at=101.0, identities=(anonymous,))),
+            ]
+        )
+        with mock.patch.object(store, "_commit_set_wise", return_value=None):
+            outcomes = assert_locked_first_then_waits(postgres_dsn, pg_schema, store, batch)
+        assert [o.profile_id for o in outcomes] == ["PR2", "PR1"]
 
 
 @PATHS

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from psycopg.types.json import Json
+
 from fp_collect.decoding import dumps
 from fp_collect.store.base import (
     DUPLICATE,
@@ -179,17 +181,38 @@ class _Known:
     claim_rows: frozenset[_ClaimKey]
 
 
-def _look_up(link: Link, sql: dict[str, str], lookups: _Lookups) -> tuple[_Known, _GroupGraph]:
-    identities = json_rows(lookups.identities)
-    profiles_among = (json_rows([(profile_id,) for profile_id in lookups.profiles]), identities)
-    # Locks first: a statement sees what was committed before it began, so the lookups
-    # after the locks see all that the writers we waited for did (a message one of
-    # them stored while we waited for its claim is a duplicate, as batch at a time).
+def lock_statements(sql: dict[str, str], lookups: _Lookups) -> list[Statement]:
+    """Lock the claims the events make and the profiles they name (outright or by an
+    identity's owner) that exist: claims first, each kind in key order. Every writer
+    that locks more than one event's rows locks them so, never crosswise: two that
+    did would wait for each other (a deadlock, which costs a second and a retry)."""
     statements: list[Statement] = []
     if lookups.claims:
         statements.append((sql["lock_claims_among"], (json_rows(lookups.claims),)))
     if lookups.identities or lookups.profiles:
-        statements.append((sql["lock_profiles_among"], profiles_among))
+        statements.append((sql["lock_profiles_among"], _profiles_among(lookups)))
+    return statements
+
+
+def lock_in_order(link: Link, sql: dict[str, str], batches: Iterable[Batch]) -> None:
+    """Take :func:`lock_statements`' locks for ``batches``, in one round trip (for the
+    batch-at-a-time path, before its events lock one at a time)."""
+    for cursor in link.pipeline(lock_statements(sql, _Lookups.of(batches))):
+        cursor.fetchall()
+
+
+def _profiles_among(lookups: _Lookups) -> tuple[Json, Json]:
+    profiles = json_rows([(profile_id,) for profile_id in lookups.profiles])
+    return profiles, json_rows(lookups.identities)
+
+
+def _look_up(link: Link, sql: dict[str, str], lookups: _Lookups) -> tuple[_Known, _GroupGraph]:
+    identities = json_rows(lookups.identities)
+    profiles_among = _profiles_among(lookups)
+    # Locks first: a statement sees what was committed before it began, so the lookups
+    # after the locks see all that the writers we waited for did (a message one of
+    # them stored while we waited for its claim is a duplicate, as batch at a time).
+    statements = lock_statements(sql, lookups)
     if lookups.identities:
         statements.append((sql["owners_among"], (identities,)))
     if lookups.messages:

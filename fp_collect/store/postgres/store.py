@@ -37,7 +37,13 @@ from fp_collect.store.base import (
 )
 from fp_collect.store.identity import resolve_event
 from fp_collect.store.postgres.graph import PGGraph
-from fp_collect.store.postgres.group import GroupRaced, Link, event_row, write_group
+from fp_collect.store.postgres.group import (
+    GroupRaced,
+    Link,
+    event_row,
+    lock_in_order,
+    write_group,
+)
 from fp_collect.store.postgres.options import parse_url
 from fp_collect.store.postgres.sql import (
     EVENT_COLUMNS,
@@ -418,6 +424,10 @@ class PostgresStore(Store):
                 return cur.execute(sql, params)
 
             try:
+                if sum(len(job.batch.events) for job in jobs) > 1:
+                    # Events lock their rows one by one: in the order of their keys, as
+                    # the set-wise path does, not crosswise with other writers.
+                    lock_in_order(Link(conn, watch), self._sql, [job.batch for job in jobs])
                 apply = self._apply_alone if len(jobs) == 1 else self._apply_in_savepoint
                 for n, job in enumerate(jobs):
                     try:
