@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -110,6 +111,10 @@ def offered_ids_of_batch(number: int, events: list[EventRecord]) -> list[EventRe
     return events
 
 
+# How long a committed row may stay hidden from a PostgreSQL reader (see below).
+VISIBLE_WITHIN = 30.0
+
+
 def assert_stored_as_memory(store: Store, memory: Store, outcomes: list[list[Outcome]]) -> None:
     """``store`` holds what ``memory`` holds: the same events (with their profiles and
     sessions), the same rejections, and the same profiles for every id in ``outcomes``."""
@@ -117,8 +122,18 @@ def assert_stored_as_memory(store: Store, memory: Store, outcomes: list[list[Out
     def rows(source: Store) -> list[tuple[str, str | None, str | None]]:
         return [(r.message_id, r.profile_id, r.session_id) for r in source.events()]
 
+    def reasons(source: Store) -> list[str]:
+        return [r.reason for r in source.rejections()]
+
+    # PostgreSQL's readers show a row only once every transaction older than it, anywhere
+    # on the (shared) server, has ended: give another session's open transaction time.
+    deadline = time.monotonic() + VISIBLE_WITHIN
+    while (rows(store), reasons(store)) != (rows(memory), reasons(memory)):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert rows(store) == rows(memory)
-    assert [r.reason for r in store.rejections()] == [r.reason for r in memory.rejections()]
+    assert reasons(store) == reasons(memory)
     for profile_id in {o.profile_id for batch in outcomes for o in batch if o.profile_id}:
         mine, theirs = store.profile(profile_id), memory.profile(profile_id)
         assert mine is not None and theirs is not None
