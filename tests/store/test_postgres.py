@@ -515,6 +515,65 @@ def test_a_batch_redone_event_by_event_locks_its_people_in_one_order(
         assert [o.profile_id for o in outcomes] == ["PR2", "PR1"]
 
 
+def test_a_merged_profile_named_outright_is_followed_before_the_owners(
+    postgres_dsn: str, pg_url: str, pg_schema: str
+) -> None:
+    """A client may go on naming a profile merged since (PD, into PZ): its chain is locked
+    first, then the owners (PC), whatever their ids. Sorted with the owners (PC, then PD
+    and PZ), it deadlocked against a writer naming PA (also merged into PZ) with the same
+    owner, which locks PA, PZ, then PC."""
+    with PostgresStore(pg_url) as store:
+        store.commit(Batch(events=[event("m0", identity=visitor("x", "PC"))]))
+        with psycopg.connect(postgres_dsn) as conn:
+            for profile, merged_into in (("PZ", None), ("PD", "PZ")):
+                conn.execute(
+                    f'INSERT INTO "{pg_schema}".profiles (id, scope, created_at, traits,'
+                    " merged_into) VALUES (%s, 'ws', 1, '{}', %s)",
+                    (profile, merged_into),
+                )
+        op = IdentityOp(
+            scope="ws", at=101.0, identities=(Identity("anonymous_id", "x"),), profile_id="PD"
+        )
+        lock = "SELECT 1 FROM {s}.profiles WHERE id = '%s' FOR NO KEY UPDATE"
+        with uncommitted(postgres_dsn, pg_schema, lock % "PC") as other:
+            future = store.submit(Batch(events=[event("m1", identity=op)]))
+            wait_until_blocked(postgres_dsn, pg_schema, unless=future)
+            assert not future.done()
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                other.execute((lock % "PZ").replace("{s}", f'"{pg_schema}"') + " NOWAIT")
+        [outcome] = future.result(TIMEOUT)
+        assert outcome.profile_id == "PZ"
+
+
+def test_a_deadlock_while_locking_in_order_is_retried_not_answered_503(pg_url: str) -> None:
+    """The batch-at-a-time path's first locks can lose a deadlock too (to a writer that
+    locks out of order, as one following merge chains may): retried, as any race."""
+    from fp_collect.store.postgres.group import lock_in_order as real
+
+    calls: list[tuple[Any, ...]] = []
+
+    def deadlocked_once(*args: Any) -> None:
+        calls.append(args)
+        if len(calls) == 1:
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        real(*args)
+
+    with PostgresStore(pg_url) as store:
+        batch = Batch(
+            events=[event("m1", identity=visitor("a")), event("m2", identity=visitor("b"))]
+        )
+        with (
+            mock.patch.object(store, "_commit_set_wise", return_value=None),
+            mock.patch(
+                "fp_collect.store.postgres.store.lock_in_order", side_effect=deadlocked_once
+            ),
+        ):
+            outcomes = store.commit(batch, TIMEOUT)
+        assert [o.stored for o in outcomes] == [True, True]
+        assert len(calls) == 2
+        assert sorted(e.message_id for e in store.events()) == ["m1", "m2"]
+
+
 @PATHS
 def test_a_duplicate_committed_meanwhile_is_a_duplicate_and_creates_nothing(
     postgres_dsn: str, pg_url: str, pg_schema: str, companion: bool

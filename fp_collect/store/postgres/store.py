@@ -427,7 +427,11 @@ class PostgresStore(Store):
                 if sum(len(job.batch.events) for job in jobs) > 1:
                     # Events lock their rows one by one: in the order of their keys, as
                     # the set-wise path does, not crosswise with other writers.
-                    lock_in_order(Link(conn, watch), self._sql, [job.batch for job in jobs])
+                    try:
+                        lock_in_order(Link(conn, watch), self._sql, [job.batch for job in jobs])
+                    except RACES as race:  # a deadlock all the same: retried, as below
+                        run("ROLLBACK", ())
+                        return done, jobs, race
                 apply = self._apply_alone if len(jobs) == 1 else self._apply_in_savepoint
                 for n, job in enumerate(jobs):
                     try:
