@@ -92,9 +92,10 @@ def _add_switch(
     env: str,
     help: str,
 ) -> None:
-    """A flag that takes no value; its environment variable takes true or false."""
+    """A flag that takes no value (``--no-...`` turns it off, over its environment
+    variable); the variable takes true or false."""
     action = parser.add_argument(
-        flag, action="store_const", const=True, default=None, help=f"{help} [env: {env}]"
+        flag, action=argparse.BooleanOptionalAction, default=None, help=f"{help} [env: {env}]"
     )
     registry.append(_EnvOption(action.dest, env, _switch, default=False))
 

@@ -349,6 +349,11 @@ def test_flagged_comes_from_the_environment_too(
     for off in ("0", "false", "no", ""):
         result = cli(["events"], env={"FP_COLLECT_STORAGE": store_url, "FP_COLLECT_FLAGGED": off})
         assert result.out == everything.out
+    # The option wins, either way.
+    env_on = {"FP_COLLECT_STORAGE": store_url, "FP_COLLECT_FLAGGED": "1"}
+    assert cli(["events", "--no-flagged"], env=env_on).out == everything.out
+    env_off = {"FP_COLLECT_STORAGE": store_url, "FP_COLLECT_FLAGGED": "0"}
+    assert cli(["events", "--flagged"], env=env_off).out == flagged.out
     wrong = cli(["events"], env={"FP_COLLECT_STORAGE": store_url, "FP_COLLECT_FLAGGED": "maybe"})
     assert wrong.status == 2
     assert "FP_COLLECT_FLAGGED='maybe'" in wrong.err and "true or false" in wrong.err

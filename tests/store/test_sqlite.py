@@ -81,7 +81,7 @@ def test_a_file_removed_while_in_use_is_unavailable_not_written(
 ) -> None:
     """SQLite would keep committing into the unlinked file: every event answered as
     stored would be lost. The store refuses instead (503), creates nothing at the path,
-    and writes again once a store is there."""
+    and stays unavailable until restarted, even once a file is back at the path."""
     path = tmp_path / "gone.db"
     with SQLiteStore(path) as store:
 
@@ -93,30 +93,50 @@ def test_a_file_removed_while_in_use_is_unavailable_not_written(
 
         assert write("before") == [STORED]
         remove_store_files(path)
-        with pytest.raises(StoreUnavailable, match="removed while in use"):
-            write("after-removal")
-        with pytest.raises(StoreUnavailable):
-            list(store.events())
-        with pytest.raises(StoreUnavailable):
-            write("still-gone")
+        for attempt in ("first", "again"):
+            with pytest.raises(StoreUnavailable, match="removed or replaced"):
+                write(attempt)
+            with pytest.raises(StoreUnavailable, match="removed or replaced"):
+                list(store.events())
         assert not path.exists(), "neither a write nor a read may create an empty store"
-        # Another store (a restored copy, a new collector) at the path: writes resume there.
-        SQLiteStore(path).close()
-        assert write("restored") == [STORED]
-        assert [e.message_id for e in store.events()] == ["restored"]
+        SQLiteStore(path).close()  # a new store at the path: this one still refuses it
+        with pytest.raises(StoreUnavailable, match="restart the collector"):
+            write("after")
+    with SQLiteStore(path) as restarted:
+        assert restarted.commit(Batch(events=[event("restarted")])) == [STORED]
+        assert [e.message_id for e in restarted.events()] == ["restarted"]
 
 
-def test_a_file_replaced_while_in_use_is_written_where_it_now_is(tmp_path: Path) -> None:
+def test_a_file_replaced_while_in_use_is_neither_written_nor_read(tmp_path: Path) -> None:
+    """Left beside the old file, its -wal would be read into the new one: a store keeps
+    to the file it opened."""
     path, other = tmp_path / "live.db", tmp_path / "other.db"
-    SQLiteStore(other).close()
+    with SQLiteStore(other) as backup:
+        backup.commit(Batch(events=[event("in-the-backup")]))
     with SQLiteStore(path) as store:
         assert store.commit(Batch(events=[event("m1")])) == [STORED]
-        remove_store_files(path)
         other.rename(path)  # e.g. a backup moved into place
-        assert store.commit(Batch(events=[event("m2")])) == [STORED]
-        assert store.submit(Batch(events=[event("m3")])).result(timeout=5) == [STORED]
+        with pytest.raises(StoreUnavailable, match="removed or replaced"):
+            store.commit(Batch(events=[event("m2")]))
+        with pytest.raises(StoreUnavailable, match="removed or replaced"):
+            list(store.events())
+    for name in (path.name + "-wal", path.name + "-shm"):  # the old file's, now stale
+        (path.parent / name).unlink(missing_ok=True)
     with open_store(f"sqlite:///{path}", create=False) as reader:
-        assert [e.message_id for e in reader.events()] == ["m2", "m3"]
+        assert [e.message_id for e in reader.events()] == ["in-the-backup"]
+
+
+def test_a_relative_path_survives_a_change_of_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with SQLiteStore("events.db") as store:
+        assert store.commit(Batch(events=[event("m1")])) == [STORED]
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        assert store.commit(Batch(events=[event("m2")])) == [STORED]
+        assert [e.message_id for e in store.events()] == ["m1", "m2"]
+    assert not (tmp_path / "elsewhere" / "events.db").exists()
 
 
 @pytest.mark.parametrize("committing", ["none", "half"])
