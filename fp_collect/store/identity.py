@@ -176,25 +176,21 @@ def _survivors(graph: IdentityGraph, op: IdentityOp) -> dict[str, str | None]:
     """Every profile the op names, outright or as an identity's owner, with the surviving
     profile it leads to (None: there is no such profile).
 
-    Following a profile locks it, and each one its merges lead to, where the store locks
-    rows (PostgreSQL); writers locking the same profiles in opposite orders would
-    deadlock. So: the profile named outright first (a client may go on naming one that
-    was merged since: its chain, then), then the owners in sorted order, whatever the
-    op's -- owners are survivors already (a merge moves the identities), so theirs lock
-    nothing else. ``track(u1, a1)`` and ``track(u2, a2)``, where u1 and a2 are one
-    person and u2 and a1 another, then lock the two profiles alike.
+    Followed in one order, sorted, whatever the op's: following a profile locks it where
+    the store locks rows (PostgreSQL), in the order the set-wise path locks them too, and
+    two writers locking the same two profiles in opposite orders would deadlock (as
+    ``track(u1, a1)`` and ``track(u2, a2)`` did, when u1 and a2 are one person and u2 and
+    a1 another). A merged profile's survivor is locked when it is reached, out of that
+    order: a deadlock it causes is rarer, and is retried.
     """
-    survivors: dict[str, str | None] = {}
-    if op.profile_id is not None:
-        survivors[op.profile_id] = graph.canonical(op.profile_id)
-    owners = {
+    named = {
         owner
         for identity in (*op.identities, *op.lookups)
         if (owner := graph.owner(op.scope, identity)) is not None
     }
-    for owner in sorted(owners - survivors.keys()):
-        survivors[owner] = graph.canonical(owner)
-    return survivors
+    if op.profile_id is not None:
+        named.add(op.profile_id)
+    return {profile_id: graph.canonical(profile_id) for profile_id in sorted(named)}
 
 
 def _owners(graph: IdentityGraph, op: IdentityOp, survivors: dict[str, str | None]) -> list[str]:

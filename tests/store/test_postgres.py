@@ -515,32 +515,27 @@ def test_a_batch_redone_event_by_event_locks_its_people_in_one_order(
         assert [o.profile_id for o in outcomes] == ["PR2", "PR1"]
 
 
-def test_a_merged_profile_named_outright_is_followed_before_the_owners(
+def test_a_profile_named_outright_is_locked_in_id_order_with_the_owners(
     postgres_dsn: str, pg_url: str, pg_schema: str
 ) -> None:
-    """A client may go on naming a profile merged since (PD, into PZ): its chain is locked
-    first, then the owners (PC), whatever their ids. Sorted with the owners (PC, then PD
-    and PZ), it deadlocked against a writer naming PA (also merged into PZ) with the same
-    owner, which locks PA, PZ, then PC."""
+    """track(profile_id=PZ, anonymous x), x being PC's: PC first, as the set-wise path
+    and every other writer lock them. Locking the named profile first deadlocked against
+    track(profile_id=PC, anonymous y), y being PZ's (a review: 42 in 400 commits)."""
     with PostgresStore(pg_url) as store:
-        store.commit(Batch(events=[event("m0", identity=visitor("x", "PC"))]))
-        with psycopg.connect(postgres_dsn) as conn:
-            for profile, merged_into in (("PZ", None), ("PD", "PZ")):
-                conn.execute(
-                    f'INSERT INTO "{pg_schema}".profiles (id, scope, created_at, traits,'
-                    " merged_into) VALUES (%s, 'ws', 1, '{}', %s)",
-                    (profile, merged_into),
-                )
+        store.commit(
+            Batch(events=[event("m0", identity=visitor("x", "PC")),
+                          event("m1", identity=visitor("y", "PZ"))])
+        )  # fmt: skip
         op = IdentityOp(
-            scope="ws", at=101.0, identities=(Identity("anonymous_id", "x"),), profile_id="PD"
+            scope="ws", at=101.0, identities=(Identity("anonymous_id", "x"),), profile_id="PZ"
         )
         lock = "SELECT 1 FROM {s}.profiles WHERE id = '%s' FOR NO KEY UPDATE"
-        with uncommitted(postgres_dsn, pg_schema, lock % "PC") as other:
-            future = store.submit(Batch(events=[event("m1", identity=op)]))
+        with uncommitted(postgres_dsn, pg_schema, lock % "PZ") as other:
+            future = store.submit(Batch(events=[event("m2", identity=op)]))
             wait_until_blocked(postgres_dsn, pg_schema, unless=future)
             assert not future.done()
             with pytest.raises(psycopg.errors.LockNotAvailable):
-                other.execute((lock % "PZ").replace("{s}", f'"{pg_schema}"') + " NOWAIT")
+                other.execute((lock % "PC").replace("{s}", f'"{pg_schema}"') + " NOWAIT")
         [outcome] = future.result(TIMEOUT)
         assert outcome.profile_id == "PZ"
 
