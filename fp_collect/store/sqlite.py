@@ -215,13 +215,13 @@ class SQLiteStore(Store):
             self._create_schema()
         else:
             self._require_current()
-        # The store's file (device, inode): the only one it ever reads or writes. Held
-        # open meanwhile, so that its inode cannot be freed and given to a file made at
-        # the path later (which would then pass for it).
-        self._guard: int | None = os.open(self._path, os.O_RDONLY)
-        found = os.fstat(self._guard)
-        self._file = (found.st_dev, found.st_ino)
-        self._closing = threading.Lock()
+        # The store's file (device, inode): the only one it ever reads or writes. Never
+        # held open by a descriptor of ours: closing one would drop every lock SQLite's
+        # own connections hold on the file in this process (POSIX locks are per process).
+        self._file = _file_identity(self._path)
+        # Set for good once the file at the path is another: a file made there later may
+        # even get the old one's inode number, once nothing holds the old one open.
+        self._lost = False
         self._writes = WriteQueue(f"SQLite store {self._path!r} is closed")
         # The one write connection, used only by whoever holds ``self._writes.writing``:
         # the writer thread, or a caller of commit() writing its own batch.
@@ -261,10 +261,11 @@ class SQLiteStore(Store):
         answered as stored would be lost with it. Nor may it turn to a file put there
         since: the -wal and -shm files left beside it belong to the old one, and SQLite
         would read the old file's last commits into it. Looked at before each write and
-        each read (a stat, about 2 µs).
+        each read (a stat, about 2 µs); a change is final.
         """
-        if _file_identity(self._path) != self._file:
+        if self._lost or self._file is None or _file_identity(self._path) != self._file:
             # (A writer's failed group then drops its connection, as after any failure.)
+            self._lost = True
             raise StoreUnavailable(
                 f"SQLite file {self._path!r} was removed or replaced while in use; this store"
                 " reads and writes only the file it opened: restart the collector (with"
@@ -603,10 +604,6 @@ class SQLiteStore(Store):
         self._writes.close()
         if threading.current_thread() is not self._writer:
             self._writer.join()
-        with self._closing:
-            if self._guard is not None:
-                os.close(self._guard)
-                self._guard = None
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:

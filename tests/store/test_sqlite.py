@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -124,6 +126,34 @@ def test_a_file_replaced_while_in_use_is_neither_written_nor_read(tmp_path: Path
         (path.parent / name).unlink(missing_ok=True)
     with open_store(f"sqlite:///{path}", create=False) as reader:
         assert [e.message_id for e in reader.events()] == ["in-the-backup"]
+
+
+def test_a_second_store_on_the_file_closed_in_the_same_process_costs_the_first_nothing(
+    tmp_path: Path,
+) -> None:
+    """A report in the host app (``with open_store(url) as store``) beside the collector:
+    closing any descriptor of the file would drop the locks of every SQLite connection of
+    this process on it (POSIX locks are per process). Another process closing its
+    connection would then delete the -wal the collector goes on committing into."""
+    path = tmp_path / "shared.db"
+
+    def another_process_reads() -> list[str]:
+        code = (
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
+            " print(' '.join(sorted(r[0] for r in c.execute('SELECT message_id FROM events'))))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+        )
+        return done.stdout.split()
+
+    with SQLiteStore(path) as collector:
+        assert collector.commit(Batch(events=[event("e1")])) == [STORED]
+        with open_store(f"sqlite:///{path}", create=False) as report:
+            assert [e.message_id for e in report.events()] == ["e1"]
+        assert another_process_reads() == ["e1"]
+        assert collector.commit(Batch(events=[event("e2")])) == [STORED]
+        assert another_process_reads() == ["e1", "e2"]
 
 
 def test_a_relative_path_survives_a_change_of_working_directory(
