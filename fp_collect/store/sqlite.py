@@ -263,7 +263,11 @@ class SQLiteStore(Store):
         would read the old file's last commits into it. Looked at before each write and
         each read (a stat, about 2 µs); a change is final.
         """
-        if self._lost or self._file is None or _file_identity(self._path) != self._file:
+        try:
+            at_path = _file_identity(self._path)
+        except OSError as exc:  # unavailable for now, not lost
+            raise StoreUnavailable(f"cannot look at SQLite file {self._path!r}: {exc}") from exc
+        if self._lost or self._file is None or at_path != self._file:
             # (A writer's failed group then drops its connection, as after any failure.)
             self._lost = True
             raise StoreUnavailable(
@@ -607,10 +611,11 @@ class SQLiteStore(Store):
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:
-    """The (device, inode) of the file at ``path``, None if there is none."""
+    """The (device, inode) of the file at ``path``, None if there is none (any other
+    error, say of a network filesystem, is raised: it proves nothing)."""
     try:
         found = os.stat(path)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return found.st_dev, found.st_ino
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
 import subprocess
 import sys
@@ -154,6 +155,27 @@ def test_a_second_store_on_the_file_closed_in_the_same_process_costs_the_first_n
         assert another_process_reads() == ["e1"]
         assert collector.commit(Batch(events=[event("e2")])) == [STORED]
         assert another_process_reads() == ["e1", "e2"]
+
+
+def test_a_file_that_cannot_be_looked_at_for_a_moment_is_not_lost(tmp_path: Path) -> None:
+    """Only a missing or another file is final; an error looking (EIO on a network
+    filesystem, say) is a 503 for that write alone."""
+    path = tmp_path / "flaky.db"
+    real_stat = os.stat
+    failing = {"left": 1}
+
+    def stat(target: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if str(target) == str(path) and failing["left"]:
+            failing["left"] -= 1
+            raise OSError(5, "Input/output error")
+        return real_stat(target, *args, **kwargs)
+
+    with SQLiteStore(path) as store:
+        with mock.patch("os.stat", stat):
+            with pytest.raises(StoreUnavailable, match="cannot look at"):
+                store.commit(Batch(events=[event("m1")]))
+            assert store.commit(Batch(events=[event("m2")])) == [STORED]
+        assert [e.message_id for e in store.events()] == ["m2"]
 
 
 def test_a_relative_path_survives_a_change_of_working_directory(
