@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -499,6 +501,32 @@ def within(timeout: float | None) -> Iterator[None]:
         _deadline.reset(token)
 
 
+class _RestartsAfterFork(Protocol):
+    def _after_fork(self) -> None: ...
+
+
+# Stores that give a forked child a writer of its own (see restart_after_fork).
+_FORK_AWARE: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def restart_after_fork(store: _RestartsAfterFork) -> None:
+    """Have ``store._after_fork()`` run in every child forked from now on.
+
+    gunicorn ``--preload`` makes the app, and so its store, in the master; each worker
+    is a fork, and threads do not survive a fork: without a writer of its own, every
+    batch a worker submits would wait in vain (an ASGI app's requests all answered 503).
+    """
+    _FORK_AWARE.add(store)
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_FORK_AWARE):
+        store._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class WriteQueue:
     """What stands between :meth:`Store.submit` and a store's one writer thread.
 
@@ -518,6 +546,10 @@ class WriteQueue:
         # Held by whoever writes on the store's write connection: its writer thread (a
         # group at a time) or a caller of commit_here(). The connection is theirs meanwhile.
         self.writing = threading.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def submit(self, batch: Batch) -> Commit:
         commit = Commit()

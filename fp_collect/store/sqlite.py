@@ -70,6 +70,7 @@ from fp_collect.store.base import (
     WriteQueue,
     claim_is_held,
     refused_records,
+    restart_after_fork,
     time_left,
 )
 from fp_collect.store.decide import decide
@@ -226,8 +227,25 @@ class SQLiteStore(Store):
         # The one write connection, used only by whoever holds ``self._writes.writing``:
         # the writer thread, or a caller of commit() writing its own batch.
         self._conn: sqlite3.Connection | None = None
+        # A forked child's copy of its parent's write connection, never used (_after_fork).
+        self._inherited: sqlite3.Connection | None = None
+        self._start_writer()
+        restart_after_fork(self)
+
+    def _start_writer(self) -> None:
         self._writer = threading.Thread(target=self._run, name="fp-collect-sqlite", daemon=True)
         self._writer.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child (see :func:`restart_after_fork`): a writer of its own, with
+        a queue and locks of its own (the parent's may have been held mid-write)."""
+        if self._writes.closed:
+            return
+        # The parent's connection is neither used nor closed here: closing it could
+        # checkpoint and remove the -wal the parent is writing. Kept, unused.
+        self._inherited, self._conn = self._conn, None
+        self._writes = WriteQueue(f"SQLite store {self._path!r} is closed")
+        self._start_writer()
 
     def _connect(self, *, create: bool = False) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves; the module's implicit

@@ -35,6 +35,7 @@ from fp_collect.store.base import (
     WriteQueue,
     claim_is_held,
     refused_records,
+    restart_after_fork,
 )
 from fp_collect.store.identity import resolve_event
 from fp_collect.store.redis_streams.keys import (
@@ -126,8 +127,20 @@ class RedisStore(Store):
         self._writes = WriteQueue("Redis store is closed")
         # How many times a batch was planned again after another writer got in first.
         self.conflicts = 0
+        self._start_writer()
+        restart_after_fork(self)
+
+    def _start_writer(self) -> None:
         self._writer = threading.Thread(target=self._run, name="fp-collect-redis", daemon=True)
         self._writer.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child (see :func:`restart_after_fork`): a writer of its own, with
+        a queue of its own. redis-py's connection pool replaces its connections itself."""
+        if self._writes.closed:
+            return
+        self._writes = WriteQueue("Redis store is closed")
+        self._start_writer()
 
     @property
     def prefix(self) -> str:
