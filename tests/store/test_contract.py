@@ -228,18 +228,12 @@ def _write_in_a_fork(store: Store, name: str) -> None:
     store.close()
 
 
-def test_a_store_made_before_a_fork_writes_in_every_child(
-    store: Store, store_url: str, request: pytest.FixtureRequest
-) -> None:
+def test_a_store_made_before_a_fork_writes_in_every_child(store: Store, store_url: str) -> None:
     """gunicorn --preload makes the app, and so the store, in its master: each worker is
     a fork, where the master's writer thread does not exist. Without a writer of its
     own, every batch a worker submitted (all of an ASGI app's) timed out into a 503."""
     if store_url.startswith("memory://"):
         pytest.skip("a memory store is the process's own: a child's writes stay there")
-    if store_url.startswith("postgresql://"):
-        request.applymarker(
-            pytest.mark.xfail(reason="not fork-aware yet: its pool and watchdog", strict=True)
-        )
     fork = multiprocessing.get_context("fork")
     workers = [fork.Process(target=_write_in_a_fork, args=(store, f"w{n}")) for n in (1, 2)]
     for worker in workers:

@@ -33,6 +33,7 @@ from fp_collect.store.base import (
     WriteQueue,
     logger,
     refused_records,
+    restart_after_fork,
     time_left,
 )
 from fp_collect.store.identity import resolve_event
@@ -140,7 +141,19 @@ class PostgresStore(Store):
         # Used only by whoever holds self._writes.writing: the writer thread, or a caller
         # of commit() writing its own batch (psycopg connections may change threads).
         self._conn: Connection | None = conn
-        self._pool: ConnectionPool[Connection] = ConnectionPool(
+        self._pool = self._make_pool()
+        self._writes = WriteQueue(f"PostgreSQL store {options.schema!r} is closed")
+        # Groups the set-wise path gave up on (a race with another writer, a bad batch)
+        # and that were redone batch at a time: a figure for monitoring, and for tests.
+        self.redone_groups = 0
+        # A forked child's copies of its parent's connection, pool and watchdog (_after_fork).
+        self._inherited: object = None
+        self._start_writer()
+        restart_after_fork(self)
+
+    def _make_pool(self) -> ConnectionPool[Connection]:
+        options = self.options
+        return ConnectionPool(
             options.conninfo,
             kwargs={"autocommit": True, "context": ADAPTERS, **self._connect_kwargs},
             # Reads are occasional: open connections on demand, keep none idle for long.
@@ -157,12 +170,25 @@ class PostgresStore(Store):
             num_workers=1,
             open=True,
         )
-        self._writes = WriteQueue(f"PostgreSQL store {options.schema!r} is closed")
-        # Groups the set-wise path gave up on (a race with another writer, a bad batch)
-        # and that were redone batch at a time: a figure for monitoring, and for tests.
-        self.redone_groups = 0
+
+    def _start_writer(self) -> None:
         self._writer = threading.Thread(target=self._run, name="fp-collect-postgres", daemon=True)
         self._writer.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child (see :func:`restart_after_fork`): connections, a pool, a
+        watchdog, a queue and a writer of its own. The parent's connections share their
+        sockets with it: kept here, unused (the parent's pool and watchdog threads are
+        not in the child anyway)."""
+        if self._writes.closed:
+            return
+        self._inherited = (self._conn, self._pool, self._watchdog)
+        self._conn = None
+        self._schema_lock = threading.Lock()
+        self._watchdog = Watchdog()
+        self._pool = self._make_pool()
+        self._writes = WriteQueue(f"PostgreSQL store {self.options.schema!r} is closed")
+        self._start_writer()
 
     # -- connections ---------------------------------------------------------------------
 
