@@ -521,7 +521,10 @@ def restart_after_fork(store: _RestartsAfterFork) -> None:
 
 def _after_fork_in_child() -> None:
     for store in list(_FORK_AWARE):
-        store._after_fork()
+        try:
+            store._after_fork()
+        except Exception:  # one store's failure must not cost the others
+            logger.exception("fp-collect: a store could not restart its writer after fork")
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -245,3 +245,29 @@ def test_a_store_made_before_a_fork_writes_in_every_child(store: Store, store_ur
     assert sorted(e.message_id for e in store.events()) == [
         "master", "w1-committed", "w1-submitted", "w2-committed", "w2-submitted"
     ]  # fmt: skip
+
+
+def test_one_store_failing_after_a_fork_costs_the_others_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import weakref
+
+    from fp_collect.store import base
+
+    class Failing:
+        def _after_fork(self) -> None:
+            raise RuntimeError("cannot start a thread")
+
+    class Restarted:
+        restarted = False
+
+        def _after_fork(self) -> None:
+            self.restarted = True
+
+    # Only these two: this process's real stores must not be restarted here.
+    monkeypatch.setattr(base, "_FORK_AWARE", weakref.WeakSet())
+    failing, restarted = Failing(), Restarted()
+    base.restart_after_fork(failing)
+    base.restart_after_fork(restarted)
+    base._after_fork_in_child()  # what os.register_at_fork runs in a child
+    assert restarted.restarted
