@@ -178,6 +178,54 @@ def test_invalid_json_batch(collector: Collector) -> None:
     assert reasons(collector) == ["invalid_json"]
 
 
+LONE_MINUS_TRACK = (
+    b'{"writeKey":"live-key","type":"track","event":"E","userId":"u","properties":{"n":-}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "offset"),
+    [
+        ("/v1/track", LONE_MINUS_TRACK, LONE_MINUS_TRACK.index(b"-}")),
+        ("/v1/webhook", b'{"n": -\n,"writeKey":"live-key"}', 6),
+        ("/v1/batch", b'{"batch":[' + json.dumps(track()).encode() + b",-]}", None),
+        ("/events/track", b'{"write_key":"live-key","event":"E","n":[1,-]}', None),
+    ],
+    ids=["track", "webhook", "batch", "firstparty"],
+)
+def test_a_minus_sign_without_digits_is_invalid_json(
+    collector: Collector, path: str, body: bytes, offset: int | None
+) -> None:
+    """ujson reads ``-`` alone as 0: it is broken syntax, answered as any other is on
+    that path (the Firstparty API's 200 with ``success: false`` included) and refused
+    whole, since a strict parser cannot read the body at all."""
+    headers = {"authorization": basic(LIVE_KEY)}
+    broken = send(new_collector(), path, b'{"n":', headers=headers)
+    response = send(collector, path, body, headers=headers)
+    assert response.status == broken.status
+    assert broken.status == (200 if path.startswith("/events/") else 400)
+    body_answer = answer(response)
+    assert body_answer["code"] == answer(broken)["code"] == "invalid_json"
+    if offset is not None:
+        assert body_answer["Details"] == f"a minus sign without digits at byte {offset}"
+    assert list(collector.store.events()) == []
+    assert [(r.reason, r.source_id) for r in collector.store.rejections()] == [
+        ("invalid_json", LIVE_ID)
+    ]
+
+
+def test_minus_signs_inside_strings_and_numbers_are_kept(collector: Collector) -> None:
+    """Only a minus outside every string with no digit after it is refused: titles such
+    as "Shoes - Sale", a string that is a lone "-" and negative numbers are stored as sent."""
+    properties = {"title": "Shoes - Sale", "dash": "-", "q": '\\" -', "n": [-1, -0.5e-3]}
+    raw = json.dumps(track(properties=properties), separators=(",", ":")).encode()
+    assert b'-"' in raw and b" - " in raw
+    response = send(collector, "/v1/track", raw, headers={"authorization": basic(LIVE_KEY)})
+    assert response.status == 200, answer(response)
+    [stored] = events(collector)
+    assert stored["properties"] == properties
+
+
 def test_body_not_an_object_single(collector: Collector) -> None:
     response = send(collector, "/v1/identify", [{"userId": "u"}])
     assert response.status == 400

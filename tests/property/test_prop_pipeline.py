@@ -189,7 +189,10 @@ def iso_strings(draw: st.DrawFn) -> str:
 
 # Text that looks like what the decoder hunts for, but is harmless inside a string.
 DECOY_TEXT = st.sampled_from(
-    ["NaN", "Infinity", "\\ud800", "1e400", "9" * 25, "é", "日本語", "🎉", "\u2028", "\x00", "{[["]
+    [
+        *("NaN", "Infinity", "\\ud800", "1e400", "9" * 25, "é", "日本語", "🎉", "\u2028", "\x00"),
+        *("{[[", "-", "a -", "- ]", '\\" -'),
+    ]
 )
 json_text = st.one_of(st.text(max_size=16), DECOY_TEXT)
 json_scalars = st.one_of(
@@ -298,10 +301,15 @@ HOSTILE_VALUES = [
     b"[" * 5000 + b"]" * 5000,
     b'{"a":' * 100 + b"1" + b"}" * 100,
     b'{"\\ud800": 1}',
+    # A minus sign with no digits, which ujson reads as 0: broken syntax.
+    b"-",
+    b"[-]",
+    b'{"n":-\n}',
 ]
-# Nesting beyond what the parser takes: the body cannot be read, so it is refused whole.
+# Nesting beyond what the parser takes, and broken syntax ujson reads anyway: the body
+# cannot be read, so it is refused whole.
 # (ujson reads a UTF-8-encoded surrogate as a lone surrogate: refused with its event.)
-REFUSE_WHOLE_BODY = {b"[" * 5000 + b"]" * 5000}
+REFUSE_WHOLE_BODY = {b"[" * 5000 + b"]" * 5000, b"-", b"[-]", b'{"n":-\n}'}
 HOSTILE_BODIES = [
     b"",
     b"{",
