@@ -27,8 +27,12 @@ def test_core_pipeline_benchmark_runs() -> None:
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
     assert [row[0] for row in rows] == ["/v1/track", "/v1/batch"]
     for row in rows:
+        serialised, serialised_ratio = (float(cell.replace(",", "")) for cell in row[3:5])
+        assert row[6] == "us"  # left at 0.40: any sign, a figure
+        float(row[5])
         floor, core, ratio = (float(cell.replace(",", "")) for cell in row[-3:])
         assert floor > 0 and core > 0 and ratio > 0
+        assert serialised > 0 and serialised_ratio > 0
 
 
 def load_http_load() -> ModuleType:
