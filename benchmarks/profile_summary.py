@@ -45,7 +45,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("answer: prepared.respond + CORS", ("_with_cors", "respond")),
     ("writer: group commit (BEGIN/COMMIT/savepoints)", ("_commit_group",)),
     ("writer: per-event SQL (dedup, insert)", ("_apply_event", "SQLiteStore._apply")),
-    ("writer: identity resolution SQL", ("resolve_profile", "resolve_session", "_SQLGraph")),
+    ("writer: identity resolution SQL", ("resolve_profile", "resolve_session", "SQLGraph")),
     ("writer: set_result (wakes the loop)", ("Future.set_result",)),
 ]  # fmt: skip
 

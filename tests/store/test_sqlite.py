@@ -419,12 +419,12 @@ def test_other_url_options_are_refused(tmp_path: Path, query: str) -> None:
 
 
 def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
-    from fp_collect.store import sqlite as sqlite_module
+    from fp_collect.store.sqlite.sql import SCHEMA
 
     path = tmp_path / "v1.db"
     with closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.executescript(sqlite_module._SCHEMA)  # exactly what version 1 created
+        conn.executescript(SCHEMA)  # exactly what version 1 created
         conn.execute(
             "INSERT INTO events (source_id, message_id, type, name, user_id, anonymous_id,"
             " timestamp, received_at, payload) VALUES ('src', 'old', 'track', 'E', 'u', NULL,"

@@ -1,42 +1,4 @@
-"""``sqlite:///path.db``: the embedded default store, for one machine and many processes.
-
-Design:
-
-* **WAL.** Readers never block the writer and the writer never blocks readers, so read
-  queries use their own short-lived connections and never wait behind commits.
-* **One writer thread per store.** ``submit`` only enqueues; a single daemon thread owns
-  the write connection. Each time it wakes it drains everything queued (up to
-  ``MAX_GROUP`` batches) and commits it all in one transaction: one fsync serves many
-  concurrent requests (group commit).
-* **BEGIN IMMEDIATE.** The write lock is taken up front, so worker *processes* sharing the
-  file queue up on ``busy_timeout`` instead of failing half-way with SQLITE_BUSY, and every
-  check-then-write below is atomic across processes. The UNIQUE constraint on
-  ``(source_id, message_id)`` still has the last word on dedup.
-* **Set-wise, optimistic groups.** Within its transaction (no other process can write
-  meanwhile) the writer looks up at once which of the group's message ids are stored and
-  who owns the identities its events name, then inserts the group's events, claims, new
-  profiles and new identities with one ``executemany`` each, with no savepoint per batch.
-  If any batch fails, the group is rolled back and redone one event at a time with one
-  SAVEPOINT per batch: a batch that fails rolls back alone and fails only its own commit;
-  the rest of the group still commits.
-* **A blocking caller writes itself when nobody else is.** :meth:`SQLiteStore.commit`
-  (what a WSGI request thread calls) writes its batch in its own thread when the write
-  lock is free, sparing the hand-over to the writer thread and back: a lone caller
-  (Flask under a sync worker) never waits on another thread. When a write is under way
-  its batch goes to the writer thread like ``submit``'s, to share the next group's
-  transaction (gthread workers). One write connection, used by one lock holder at a time.
-  Such a caller waits for other processes' write lock no longer than its timeout leaves.
-* **Durable before success.** A batch's :class:`Commit` is settled only after COMMIT
-  returns. If the group cannot commit, every batch in it fails with
-  :class:`StoreUnavailable`; the writer drops its connection, opens a fresh one for the
-  next group and keeps serving.
-
-``synchronous="FULL"`` (the default) makes a commit survive power loss. ``"NORMAL"`` is
-faster but may lose the last commits on power loss (never on a process crash).
-
-After :meth:`SQLiteStore.close`, ``submit`` raises :class:`StoreUnavailable` (not
-RuntimeError) so requests racing a graceful shutdown are answered 503, not 500.
-"""
+"""The SQLite store itself (its design: :mod:`fp_collect.store.sqlite`)."""
 
 from __future__ import annotations
 
@@ -44,15 +6,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Literal
 from urllib.parse import quote
 
 import ujson
 
-from fp_collect.decoding import dumps
 from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.store.base import (
     DUPLICATE,
@@ -75,124 +36,21 @@ from fp_collect.store.base import (
 )
 from fp_collect.store.decide import decide
 from fp_collect.store.identity import resolve_event
+from fp_collect.store.sqlite.graph import Known, Rows, SQLGraph, prefetch
+from fp_collect.store.sqlite.sql import (
+    EVENT_COLUMNS,
+    INSERT_EVENT,
+    INSERT_REJECTION,
+    MIGRATIONS,
+    REJECTION_COLUMNS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    UPSERT_CLAIM,
+    Row,
+    event_row,
+)
 
-SCHEMA_VERSION = 4
 MAX_GROUP = 512
-
-_SCHEMA = """
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-INSERT INTO schema_version (version)
-    SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM schema_version);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    source_id TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    type TEXT NOT NULL,
-    name TEXT,
-    user_id TEXT,
-    anonymous_id TEXT,
-    timestamp TEXT NOT NULL,
-    received_at TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    UNIQUE (source_id, message_id)
-);
-CREATE INDEX IF NOT EXISTS events_source ON events (source_id, id);
-CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
-CREATE TABLE IF NOT EXISTS rejections (
-    id INTEGER PRIMARY KEY,
-    source_id TEXT,
-    reason TEXT NOT NULL,
-    message TEXT NOT NULL,
-    received_at TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    idx INTEGER,
-    message_id TEXT
-);
-CREATE INDEX IF NOT EXISTS rejections_source ON rejections (source_id, id);
-CREATE INDEX IF NOT EXISTS rejections_received ON rejections (received_at);
-CREATE TABLE IF NOT EXISTS claims (
-    source_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    key TEXT NOT NULL,
-    until REAL,
-    PRIMARY KEY (source_id, kind, key)
-);
-COMMIT;
-"""
-
-# Version 2: profiles, their identities and sessions; events remember both.
-_MIGRATE_TO_2 = """
-BEGIN IMMEDIATE;
-ALTER TABLE events ADD COLUMN profile_id TEXT;
-ALTER TABLE events ADD COLUMN session_id TEXT;
-CREATE INDEX IF NOT EXISTS events_profile ON events (profile_id, id);
-CREATE TABLE IF NOT EXISTS profiles (
-    id TEXT PRIMARY KEY,
-    scope TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    traits TEXT NOT NULL,
-    merged_into TEXT
-);
-CREATE TABLE IF NOT EXISTS identities (
-    scope TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    value TEXT NOT NULL,
-    profile_id TEXT NOT NULL,
-    PRIMARY KEY (scope, kind, value)
-);
-CREATE INDEX IF NOT EXISTS identities_profile ON identities (profile_id);
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    profile_id TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    last_seen REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS sessions_profile ON sessions (profile_id, last_seen);
-UPDATE schema_version SET version = 2;
-COMMIT;
-"""
-
-# Version 3: warnings an event was stored with (a JSON array), NULL when none.
-_MIGRATE_TO_3 = """
-BEGIN IMMEDIATE;
-ALTER TABLE events ADD COLUMN warnings TEXT;
-CREATE INDEX IF NOT EXISTS events_flagged ON events (source_id, id) WHERE warnings IS NOT NULL;
-UPDATE schema_version SET version = 3;
-COMMIT;
-"""
-# Version 4: find the profiles merged into one (reading a profile's events follows merges).
-_MIGRATE_TO_4 = """
-BEGIN IMMEDIATE;
-CREATE INDEX IF NOT EXISTS profiles_merged ON profiles (merged_into) WHERE merged_into IS NOT NULL;
-UPDATE schema_version SET version = 4;
-COMMIT;
-"""
-_MIGRATIONS = {1: _MIGRATE_TO_2, 2: _MIGRATE_TO_3, 3: _MIGRATE_TO_4}
-
-_EVENT_COLUMNS = (
-    "id, source_id, message_id, type, name, user_id, anonymous_id, timestamp, received_at,"
-    " payload, profile_id, session_id, warnings"
-)
-_REJECTION_COLUMNS = (
-    "id, source_id, reason, message, received_at, endpoint, payload, idx, message_id"
-)
-_INSERT_EVENT = (
-    "INSERT INTO events (source_id, message_id, type, name, user_id, anonymous_id, timestamp,"
-    " received_at, payload, profile_id, session_id, warnings)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (source_id, message_id) DO NOTHING"
-)
-_UPSERT_CLAIM = "INSERT OR REPLACE INTO claims (source_id, kind, key, until) VALUES (?, ?, ?, ?)"
-_INSERT_PROFILE = "INSERT INTO profiles (id, scope, created_at, traits) VALUES (?, ?, ?, '{}')"
-_INSERT_IDENTITY = "INSERT INTO identities (scope, kind, value, profile_id) VALUES (?, ?, ?, ?)"
-_INSERT_REJECTION = (
-    "INSERT INTO rejections (source_id, reason, message, received_at, endpoint, payload, idx,"
-    " message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-_Row = tuple[Any, ...]
 
 
 class SQLiteStore(Store):
@@ -326,10 +184,10 @@ class SQLiteStore(Store):
                 mode = self._enable_wal(conn)
                 if mode != "wal":
                     raise ConfigError(f"SQLite store {self._path!r} needs a file that supports WAL")
-                conn.executescript(_SCHEMA)
+                conn.executescript(SCHEMA)
                 (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-                while version in _MIGRATIONS:
-                    conn.executescript(_MIGRATIONS[version])
+                while version in MIGRATIONS:
+                    conn.executescript(MIGRATIONS[version])
                     # Another process may have migrated between our read and our lock.
                     (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
         except sqlite3.Error as exc:
@@ -395,9 +253,9 @@ class SQLiteStore(Store):
                 # events need to know -- which message ids are stored, which claims are
                 # held, who owns their identities -- looked up set-wise; the group's
                 # events, claims, new profiles and identities inserted at once at the end.
-                graph = _SQLGraph(conn, deferred=True)
-                known = _prefetch(conn, graph, [job.batch for job in group])
-                rows = _Rows()
+                graph = SQLGraph(conn, deferred=True)
+                known = prefetch(conn, graph, [job.batch for job in group])
+                rows = Rows()
                 results = [
                     (job.commit, self._apply_fast(conn, graph, known, rows, job.batch))
                     for job in group
@@ -411,7 +269,7 @@ class SQLiteStore(Store):
                 # batch, so that it fails alone and the rest of the group still commits.
                 conn.execute("ROLLBACK")
                 self._begin(conn)
-                graph = _SQLGraph(conn)
+                graph = SQLGraph(conn)
                 results = [
                     (job.commit, self._apply_in_savepoint(conn, graph, job.batch)) for job in group
                 ]
@@ -442,7 +300,7 @@ class SQLiteStore(Store):
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
 
     def _apply_in_savepoint(
-        self, conn: sqlite3.Connection, graph: _SQLGraph, batch: Batch
+        self, conn: sqlite3.Connection, graph: SQLGraph, batch: Batch
     ) -> list[Outcome] | BaseException:
         conn.execute("SAVEPOINT batch")
         try:
@@ -462,13 +320,13 @@ class SQLiteStore(Store):
     def _apply_fast(
         self,
         conn: sqlite3.Connection,
-        graph: _SQLGraph,
-        known: _Known,
-        rows: _Rows,
+        graph: SQLGraph,
+        known: Known,
+        rows: Rows,
         batch: Batch,
     ) -> list[Outcome]:
         """:meth:`_apply` for a batch whose message ids, claims and identities
-        :func:`_prefetch` looked up: no query per event to find duplicates or held
+        :func:`prefetch` looked up: no query per event to find duplicates or held
         claims; the rows to insert are added to ``rows``, written once for the group.
 
         The same decisions as :meth:`_apply_event`, in the same order, from ``known``,
@@ -478,13 +336,13 @@ class SQLiteStore(Store):
         for event in batch.events:
             outcome = decide(event, known.stored, known.claims, graph)
             if outcome.stored:
-                rows.events.append(_event_row(event, outcome.profile_id, outcome.session_id))
+                rows.events.append(event_row(event, outcome.profile_id, outcome.session_id))
                 rows.claims += [(event.source_id, c.kind, c.key, c.until) for c in event.claims]
             outcomes.append(outcome)
         self._record_refused(conn, batch, outcomes)
         return outcomes
 
-    def _apply(self, conn: sqlite3.Connection, graph: _SQLGraph, batch: Batch) -> list[Outcome]:
+    def _apply(self, conn: sqlite3.Connection, graph: SQLGraph, batch: Batch) -> list[Outcome]:
         """Write ``batch`` one event at a time, every check a query of its own."""
         outcomes = [self._apply_event(conn, graph, event) for event in batch.events]
         self._record_refused(conn, batch, outcomes)
@@ -501,10 +359,10 @@ class SQLiteStore(Store):
             for r in (*refused, *batch.rejections)
         ]  # fmt: skip
         if rows:
-            conn.executemany(_INSERT_REJECTION, rows)
+            conn.executemany(INSERT_REJECTION, rows)
 
     def _apply_event(
-        self, conn: sqlite3.Connection, graph: _SQLGraph, event: EventRecord
+        self, conn: sqlite3.Connection, graph: SQLGraph, event: EventRecord
     ) -> Outcome:
         blocked_by: str | None = None
         for claim in event.claims:
@@ -529,30 +387,30 @@ class SQLiteStore(Store):
         outcome = resolve_event(graph, event)
         if not outcome.stored:
             return outcome
-        row = _event_row(event, outcome.profile_id, outcome.session_id)
-        if not conn.execute(_INSERT_EVENT, row).rowcount:
+        row = event_row(event, outcome.profile_id, outcome.session_id)
+        if not conn.execute(INSERT_EVENT, row).rowcount:
             return DUPLICATE
         if event.claims:
             conn.executemany(
-                _UPSERT_CLAIM, [(event.source_id, c.kind, c.key, c.until) for c in event.claims]
+                UPSERT_CLAIM, [(event.source_id, c.kind, c.key, c.until) for c in event.claims]
             )
         return outcome
 
     # -- reading -------------------------------------------------------------------------
 
     def events(self, query: Query = Query()) -> Iterator[StoredEvent]:
-        rows = self._select("events", _EVENT_COLUMNS, "type", query)
+        rows = self._select("events", EVENT_COLUMNS, "type", query)
         return (_stored_event(row) for row in rows)
 
     def rejections(self, query: Query = Query()) -> Iterator[StoredRejection]:
-        rows = self._select("rejections", _REJECTION_COLUMNS, "reason", query)
+        rows = self._select("rejections", REJECTION_COLUMNS, "reason", query)
         return (StoredRejection(*row) for row in rows)
 
     def profile(self, profile_id: str) -> StoredProfile | None:
         self._check_file()
         try:
             with closing(self._connect()) as conn:
-                graph = _SQLGraph(conn)
+                graph = SQLGraph(conn)
                 canonical = graph.canonical(profile_id)
                 if canonical is None:
                     return None
@@ -571,7 +429,7 @@ class SQLiteStore(Store):
             tuple(Identity(kind, value) for kind, value in identities),
         )  # fmt: skip
 
-    def _select(self, table: str, columns: str, type_column: str, query: Query) -> list[_Row]:
+    def _select(self, table: str, columns: str, type_column: str, query: Query) -> list[Row]:
         if query.limit is not None and query.limit < 0:
             raise ValueError(f"limit must be None or >= 0, not {query.limit}")
         where = ["id > ?"]
@@ -614,7 +472,7 @@ class SQLiteStore(Store):
             with closing(self._connect()) as conn:
                 if family_at:
                     # Name the family by its survivor, whichever member's id was given.
-                    params[family_at] = _SQLGraph(conn).canonical(str(params[family_at]))
+                    params[family_at] = SQLGraph(conn).canonical(str(params[family_at]))
                 return conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite read failed: {exc}") from exc
@@ -638,114 +496,7 @@ def _file_identity(path: str) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
-def _event_row(event: EventRecord, profile_id: str | None, session_id: str | None) -> _Row:
-    """The values of :data:`_INSERT_EVENT` for ``event``."""
-    return (
-        event.source_id,
-        event.message_id,
-        event.type,
-        event.name,
-        event.user_id,
-        event.anonymous_id,
-        event.timestamp,
-        event.received_at,
-        event.payload,
-        profile_id,
-        session_id,
-        dumps(list(event.warnings)) if event.warnings else None,
-    )
-
-
-# The lengths an "IN (...)" list is padded to (by repeating its last value): each length
-# is a distinct statement, and a few of them stay in the connection's statement cache
-# where one per group size would push out every other statement. The largest is far
-# below SQLite's limit on parameters (32,766 since 3.32).
-_IN_SIZES = (1, 4, 16, 64, 256)
-
-
-def _chunks(values: set[str]) -> Iterator[list[str]]:
-    ordered = sorted(values)  # neighbours in the index: fewer pages visited
-    largest = _IN_SIZES[-1]
-    for start in range(0, len(ordered), largest):
-        chunk = ordered[start : start + largest]
-        size = next(size for size in _IN_SIZES if size >= len(chunk))
-        yield chunk + [chunk[-1]] * (size - len(chunk))
-
-
-def _marks(values: list[str]) -> str:
-    return ", ".join("?" * len(values))
-
-
-@dataclass(slots=True)
-class _Known:
-    """What :func:`_prefetch` found for a group, kept current while it is written:
-    the (source, message id) already stored, and the ``until`` of every claim already
-    held among the (source, kind, key) its events make (absent: not held)."""
-
-    stored: set[tuple[str, str]] = field(default_factory=set)
-    claims: dict[tuple[str, str, str], float | None] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _Rows:
-    """A group's events and claims, inserted with one statement each (after every batch
-    of the group was decided: nothing decided later depends on these rows, only on
-    :class:`_Known`)."""
-
-    events: list[_Row] = field(default_factory=list)
-    claims: list[_Row] = field(default_factory=list)
-
-    def insert(self, conn: sqlite3.Connection) -> None:
-        if self.events:
-            inserted = conn.executemany(_INSERT_EVENT, self.events).rowcount
-            if inserted != len(self.events):  # never, while we hold the write lock
-                raise RuntimeError(f"{len(self.events) - inserted} events were stored meanwhile")
-        if self.claims:
-            conn.executemany(_UPSERT_CLAIM, self.claims)
-
-
-def _prefetch(conn: sqlite3.Connection, graph: _SQLGraph, batches: list[Batch]) -> _Known:
-    """Look up, a few hundred at a time, what a group's events will ask one by one:
-    which (source, message id) are already stored and which of their claims are held
-    -- returned --, and who owns each identity they name -- remembered by ``graph``.
-    Inside the write transaction, so the answers hold until it ends."""
-    message_ids: dict[str, set[str]] = {}
-    claims: dict[tuple[str, str], set[str]] = {}
-    identities: dict[tuple[str, str], set[str]] = {}
-    for batch in batches:
-        for event in batch.events:
-            message_ids.setdefault(event.source_id, set()).add(event.message_id)
-            for claim in event.claims:
-                claims.setdefault((event.source_id, claim.kind), set()).add(claim.key)
-            op = event.identity
-            if op is not None:
-                for identity in (*op.identities, *op.lookups):
-                    identities.setdefault((op.scope, identity.kind), set()).add(identity.value)
-    known = _Known()
-    for source_id, ids in message_ids.items():
-        for chunk in _chunks(ids):
-            rows = conn.execute(
-                "SELECT message_id FROM events WHERE source_id = ?"
-                f" AND message_id IN ({_marks(chunk)})",
-                (source_id, *chunk),
-            )
-            known.stored.update((source_id, message_id) for (message_id,) in rows)
-    for (source_id, kind), keys in claims.items():
-        for chunk in _chunks(keys):
-            rows = conn.execute(
-                "SELECT key, until FROM claims WHERE source_id = ? AND kind = ?"
-                f" AND key IN ({_marks(chunk)})",
-                (source_id, kind, *chunk),
-            )
-            known.claims.update(((source_id, kind, key), until) for key, until in rows)
-    for (scope, kind), values in identities.items():
-        for chunk in _chunks(values):
-            graph.learn_owners(scope, kind, chunk)
-    graph.learn_profiles()
-    return known
-
-
-def _stored_event(row: _Row) -> StoredEvent:
+def _stored_event(row: Row) -> StoredEvent:
     *columns, warnings = row
     event = StoredEvent(*columns)
     return replace(event, warnings=tuple(ujson.loads(warnings))) if warnings else event
@@ -757,170 +508,3 @@ def _unavailable(message: str, cause: BaseException) -> StoreUnavailable:
     error = StoreUnavailable(message)
     error.__cause__ = cause
     return error
-
-
-class _SQLGraph:
-    """The identity primitives over one connection, inside one transaction.
-
-    Within a write transaction (BEGIN IMMEDIATE) no other connection can change the
-    file, so who owns an identity and where a profile was merged can be remembered until
-    the transaction ends: identity resolution asks for each owner twice, and a visitor's
-    events often come in the same group. Our own writes keep the memo current;
-    :meth:`forget` after a rollback to a savepoint. A read-only graph (``profile``) uses
-    a fresh instance per read.
-
-    ``deferred``: new profiles and identities -- a row each per new visitor, the most
-    common write after the event itself -- are kept and inserted with one statement
-    apiece by :meth:`flush`, which runs before any other statement of the graph (so
-    every query sees them) and must be called before the transaction commits. Only
-    for a transaction without savepoints: a rollback to one would not undo them.
-    """
-
-    def __init__(self, conn: sqlite3.Connection, *, deferred: bool = False) -> None:
-        self.conn = conn
-        self._owners: dict[tuple[str, str, str], str | None] = {}
-        self._canonical: dict[str, str | None] = {}
-        self._deferred = deferred
-        self._new_profiles: list[_Row] = []
-        self._new_identities: list[_Row] = []
-
-    def flush(self) -> None:
-        """Insert the profiles and identities kept back (``deferred``)."""
-        if self._new_profiles:
-            self.conn.executemany(_INSERT_PROFILE, self._new_profiles)
-            self._new_profiles.clear()
-        if self._new_identities:
-            self.conn.executemany(_INSERT_IDENTITY, self._new_identities)
-            self._new_identities.clear()
-
-    def _execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
-        self.flush()
-        return self.conn.execute(sql, params)
-
-    def forget(self) -> None:
-        self._owners.clear()
-        self._canonical.clear()
-
-    def learn_owners(self, scope: str, kind: str, values: list[str]) -> None:
-        """Look up the owners of many identities of one kind at once."""
-        found = dict(
-            self._execute(
-                "SELECT value, profile_id FROM identities WHERE scope = ? AND kind = ?"
-                f" AND value IN ({_marks(values)})",
-                (scope, kind, *values),
-            ).fetchall()
-        )
-        for value in values:
-            self._owners[(scope, kind, value)] = found.get(value)
-
-    def learn_profiles(self) -> None:
-        """Look up at once which of the known owners were never merged away."""
-        unknown = {p for p in self._owners.values() if p is not None} - set(self._canonical)
-        for chunk in _chunks(unknown):
-            rows = self._execute(
-                f"SELECT id FROM profiles WHERE id IN ({_marks(chunk)}) AND merged_into IS NULL",
-                chunk,
-            )
-            self._canonical.update((profile_id, profile_id) for (profile_id,) in rows)
-
-    def _one(self, sql: str, params: tuple[object, ...]) -> Any:
-        row = self._execute(sql, params).fetchone()
-        return None if row is None else row[0]
-
-    def owner(self, scope: str, identity: Identity) -> str | None:
-        key = (scope, identity.kind, identity.value)
-        if key in self._owners:
-            return self._owners[key]
-        owner: str | None = self._one(
-            "SELECT profile_id FROM identities WHERE scope = ? AND kind = ? AND value = ?", key
-        )
-        self._owners[key] = owner
-        return owner
-
-    def canonical(self, profile_id: str) -> str | None:
-        if profile_id not in self._canonical:
-            self._canonical[profile_id] = self._follow_merges(profile_id)
-        return self._canonical[profile_id]
-
-    def _follow_merges(self, profile_id: str) -> str | None:
-        current: str | None = profile_id
-        while current is not None:
-            row = self._execute(
-                "SELECT merged_into FROM profiles WHERE id = ?", (current,)
-            ).fetchone()
-            if row is None:
-                return None
-            if row[0] is None:
-                return current
-            current = row[0]
-        return None
-
-    def created_at(self, profile_id: str) -> float:
-        created: float = self._one("SELECT created_at FROM profiles WHERE id = ?", (profile_id,))
-        return created
-
-    def scope_of(self, profile_id: str) -> str:
-        scope: str = self._one("SELECT scope FROM profiles WHERE id = ?", (profile_id,))
-        return scope
-
-    def create_profile(self, profile_id: str, scope: str, at: float) -> None:
-        row = (profile_id, scope, at)
-        if self._deferred:
-            self._new_profiles.append(row)
-        else:
-            self._execute(_INSERT_PROFILE, row)
-        self._canonical[profile_id] = profile_id
-
-    def attach(self, scope: str, identity: Identity, profile_id: str) -> None:
-        key = (scope, identity.kind, identity.value)
-        if self._deferred:
-            self._new_identities.append((*key, profile_id))
-        else:
-            self._execute(_INSERT_IDENTITY, (*key, profile_id))
-        self._owners[key] = profile_id
-
-    def merge(self, survivor: str, merged: str) -> None:
-        self._execute(
-            "UPDATE identities SET profile_id = ? WHERE profile_id = ?", (survivor, merged)
-        )
-        self._execute("UPDATE sessions SET profile_id = ? WHERE profile_id = ?", (survivor, merged))
-        gone = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (merged,)))
-        kept = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (survivor,)))
-        self._write_traits(survivor, {**gone, **kept})
-        self._execute("UPDATE profiles SET merged_into = ? WHERE id = ?", (survivor, merged))
-        # As the UPDATEs above did: the merged profile's identities now name the survivor,
-        # and whatever led to the merged profile now leads on to the survivor.
-        for key, owner in self._owners.items():
-            if owner == merged:
-                self._owners[key] = survivor
-        self._canonical.clear()
-
-    def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
-        current = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (profile_id,)))
-        self._write_traits(profile_id, {**current, **traits})
-
-    def _write_traits(self, profile_id: str, traits: dict[str, object]) -> None:
-        self._execute("UPDATE profiles SET traits = ? WHERE id = ?", (dumps(traits), profile_id))
-
-    def latest_session(self, profile_id: str) -> tuple[str, float] | None:
-        row = self._execute(
-            "SELECT id, last_seen FROM sessions WHERE profile_id = ?"
-            " ORDER BY last_seen DESC, id DESC LIMIT 1",
-            (profile_id,),
-        ).fetchone()
-        return None if row is None else (row[0], row[1])
-
-    def session_owner(self, session_id: str) -> str | None:
-        owner: str | None = self._one("SELECT profile_id FROM sessions WHERE id = ?", (session_id,))
-        return owner
-
-    def start_session(self, session_id: str, profile_id: str, at: float) -> None:
-        self._execute(
-            "INSERT INTO sessions (id, profile_id, started_at, last_seen) VALUES (?, ?, ?, ?)",
-            (session_id, profile_id, at, at),
-        )
-
-    def touch_session(self, session_id: str, at: float) -> None:
-        self._execute(
-            "UPDATE sessions SET last_seen = max(last_seen, ?) WHERE id = ?", (at, session_id)
-        )
