@@ -103,6 +103,10 @@ class FirstpartyAPI:
                     "invalid_batch",
                     'the body must be an array of events or {"events": [...]}',
                 )
+            if not body:
+                raise RequestRejected(
+                    HTTPStatus.BAD_REQUEST, "empty_batch", "there are no events to collect"
+                )
             self.pipeline.check_batch_size(len(body))
             # Each event's source, resolved once, before anything is checked, so that every
             # refusal is its source's. With none valid, the body is refused once.
@@ -172,7 +176,7 @@ class FirstpartyAPI:
 
     def _event(self, message: Message, source: Source, incoming: Incoming) -> EventRecord:
         self.pipeline.check_origin(source, incoming)
-        name = normalise_event(message)
+        name = normalise_event(message, self.limits.max_message_id_length)
         message.pop("write_key", None)
         bot_warnings = self.pipeline.check_bot(source, incoming)
         at = self.pipeline.enrich(message, incoming)
@@ -243,12 +247,15 @@ class FirstpartyAPI:
         return Prepared(batch, lambda _outcomes: answer, _UNAVAILABLE)
 
 
-def normalise_event(message: Message) -> str:
+def normalise_event(message: Message, max_id_length: int) -> str:
     """Validate a Firstparty event in place and return its name.
 
     ``event`` (the seeds also say ``name``) is required; ``properties`` and ``context``
-    must be objects; ``profile_id``, ``session_id`` and the optional identities strings.
-    ``name`` is folded into ``event``; a ``message_id`` is generated when missing.
+    must be objects; ``profile_id`` and ``session_id`` strings of 1 to
+    :data:`MAX_ID_LENGTH` characters, ``message_id`` and the identities (``user_id``,
+    ``anonymous_id``, ``email``) of 1 to ``max_id_length`` (the Segment-spec ids' limit:
+    an email address may be 254). ``name`` is folded into ``event``; a ``message_id`` is
+    generated when missing.
     """
     name = message.get("event")
     if name is None:
@@ -260,13 +267,20 @@ def normalise_event(message: Message) -> str:
         value = message.get(field)
         if value is not None and not isinstance(value, dict):
             raise ItemRejected("invalid_field", f"{field} must be an object")
-    for field in ("profile_id", "session_id", "message_id", "user_id", "anonymous_id", "email"):
+    for field, longest in (
+        ("profile_id", MAX_ID_LENGTH),
+        ("session_id", MAX_ID_LENGTH),
+        ("message_id", max_id_length),
+        ("user_id", max_id_length),
+        ("anonymous_id", max_id_length),
+        ("email", max_id_length),
+    ):
         value = message.get(field)
         if value is None:
             continue
-        if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+        if not isinstance(value, str) or not value or len(value) > longest:
             raise ItemRejected(
-                "invalid_field", f"{field} must be a string of 1 to {MAX_ID_LENGTH} characters"
+                "invalid_field", f"{field} must be a string of 1 to {longest} characters"
             )
     timestamp = message.get("timestamp")
     if timestamp is not None and (not isinstance(timestamp, str) or parse_iso(timestamp) is None):

@@ -97,6 +97,31 @@ def test_the_profile_and_session_are_reused_until_the_timeout(
     assert later["profile_id"] == first["profile_id"]
 
 
+def test_id_lengths_an_email_address_may_be_long_a_profile_id_may_not(
+    collector: Collector,
+) -> None:
+    """Identities and message ids may be as long as Segment-spec ids (255): an email
+    address may have 254 characters. Profile and session ids are the collector's own
+    (32 characters), so a client's may have 64."""
+    email = "a" * 242 + "@example.com"
+    assert len(email) == 254
+    ok = post(collector, "/events/track", {"event": "Mail Opened", "write_key": KEY,
+                                            "email": email, "user_id": "u" * 255})  # fmt: skip
+    assert ok["success"] is True, ok
+    for field, value in (
+        ("user_id", "u" * 256),
+        ("email", "a" * 244 + "@example.com"),
+        ("message_id", "m" * 256),
+        ("profile_id", "PR" + "0" * 63),
+        ("session_id", "SE" + "0" * 63),
+    ):
+        refused = post(collector, "/events/track", {"event": "Mail Opened", "write_key": KEY,
+                                                     field: value})  # fmt: skip
+        assert (refused["success"], refused["code"]) == (False, "invalid_field"), field
+        assert field in refused["message"]
+    assert len(list(collector.store.events())) == 1
+
+
 def test_sessions_can_be_turned_off_per_source(collector: Collector) -> None:
     answer = post(collector, "/events/track", {"event": "App Opened", "write_key": "no-sessions"})
     assert answer["success"] is True and answer["session_id"] is None
@@ -183,6 +208,23 @@ def test_bulk_with_no_valid_key_anywhere_is_refused_once(collector: Collector) -
     assert (answer["success"], answer["code"]) == (False, "invalid_write_key")
     assert [(r.reason, r.index) for r in collector.store.rejections()] == [
         ("invalid_write_key", None)
+    ]
+
+
+@pytest.mark.parametrize("shape", ["object", "array"])
+def test_an_empty_bulk_is_refused_as_empty_under_its_source(
+    collector: Collector, shape: str
+) -> None:
+    """No events is not a bad key: refused as ``empty_batch`` (as ``/v1/batch`` does),
+    recorded under the source its key names."""
+    if shape == "object":
+        answer = post(collector, "/events/track/bulk", {"events": [], "write_key": KEY})
+    else:
+        auth = "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()
+        answer = post(collector, "/events/track/bulk", [], authorization=auth)
+    assert (answer["success"], answer["code"]) == (False, "empty_batch")
+    assert [(r.reason, r.source_id) for r in collector.store.rejections()] == [
+        ("empty_batch", "site")
     ]
 
 
