@@ -59,14 +59,10 @@ _STRING_FIELDS = (
 _OBJECT_FIELDS = ("context", "integrations", "properties", "traits")
 _ID_FIELDS = ("messageId", "userId", "anonymousId", "groupId", "previousId")
 _TIME_FIELDS = ("timestamp", "sentAt")
-_UNAVAILABLE = responses.json_response(
+_STORE_UNAVAILABLE = RequestRejected(
     HTTPStatus.SERVICE_UNAVAILABLE,
-    responses.single_error(
-        HTTPStatus.SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        "The event store is unavailable, retry later",
-    ),
-    [("retry-after", "5")],
+    "store_unavailable",
+    "The event store is unavailable, retry later",
 )
 _UNAVAILABLE_PIXEL = responses.pixel(HTTPStatus.SERVICE_UNAVAILABLE, [("retry-after", "5")])
 
@@ -86,6 +82,10 @@ def routes(pipeline: Pipeline) -> dict[str, Route]:
         table[path] = batch
     webhook = Route("webhook", post, limits.max_batch_bytes, api.webhook)
     table["/v1/webhook"] = table["/v1/w"] = webhook
+    # analytics.js (analytics-next) posts its own telemetry to {apiHost}/m about every
+    # 30 s: not events. Answered here, so that it neither reaches the host app (a 404 in
+    # its logs per visitor and half-minute) nor fails in the browser; nothing is kept.
+    table["/v1/m"] = Route("telemetry", post, limits.max_call_bytes, api.telemetry)
     for message_type in PIXEL_TYPES:
         # The payload travels in the query string; the body is never read.
         table[f"/v1/pixel/{message_type}"] = Route(
@@ -162,6 +162,10 @@ class SegmentAPI:
         except Discarded as discarded:
             return self._discarded(discarded, incoming, body, source)
         return _accepted(Batch(events=[event]))
+
+    def telemetry(self, request: Request) -> Prepared:
+        """analytics.js's own metrics: answered as a success and not stored."""
+        return _accepted(Batch())
 
     def pixel_handler(self, message_type: str) -> Any:
         def handle(request: Request) -> Prepared:
@@ -291,7 +295,7 @@ class SegmentAPI:
                     )
                 )
         if not errors:
-            return _accepted(batch)
+            return _accepted(batch, _UNAVAILABLE_BATCH)
         partial = HTTPStatus.MULTI_STATUS
         if request_source is not None and request_source.partial_success_status == 200:
             partial = HTTPStatus.OK
@@ -305,7 +309,7 @@ class SegmentAPI:
                 "message": f"{len(errors)} of {len(items)} events rejected",
             },
         )
-        return Prepared(batch, _always(answer), _UNAVAILABLE)
+        return Prepared(batch, _always(answer), _UNAVAILABLE_BATCH)
 
     def _source(self, request: Request, message: Message) -> Source:
         key = self.pipeline.request_credential(request)
@@ -374,7 +378,8 @@ class SegmentAPI:
         batch = Batch(
             rejections=self.pipeline.request_rejection(rejected, incoming, payload, source)
         )
-        return Prepared(batch, _always(error_response(rejected, batch_shape)), _UNAVAILABLE)
+        unavailable = _UNAVAILABLE_BATCH if batch_shape else _UNAVAILABLE
+        return Prepared(batch, _always(error_response(rejected, batch_shape)), unavailable)
 
 
 class BatchDefaults:
@@ -525,11 +530,11 @@ def normalise_message(message: Message, forced_type: str | None, max_message_id:
 
 
 def error_response(rejected: RequestRejected, batch_shape: bool = False) -> Response:
-    """A refused request's answer. A bad write key gets the one identical answer on
-    every endpoint; other batch-endpoint errors use the batch shape."""
+    """A refused request's answer: on the batch endpoints in the seed's batch shape
+    (``{"Success": false, "Errors": [...]}``), a bad write key included."""
     status = rejected.status
     extra = [("retry-after", "5")] if status == HTTPStatus.SERVICE_UNAVAILABLE else None
-    if batch_shape and rejected.reason != "invalid_write_key":
+    if batch_shape:
         error = responses.error_object(status, rejected.message, rejected.details)
         if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
             # The seed's own words for an over-size batch.
@@ -571,8 +576,10 @@ def _all_refused(errors: list[dict[str, object]]) -> tuple[HTTPStatus, str]:
     return HTTPStatus.BAD_REQUEST, "invalid_batch"
 
 
-def _accepted(batch: Batch) -> Prepared:
-    return Prepared(batch, _SUCCESS, _UNAVAILABLE)
+def _accepted(batch: Batch, unavailable: Response | None = None) -> Prepared:
+    """Answered ``{"success": true}`` once stored; ``unavailable`` (the single-call
+    shape by default) when the store cannot commit in time."""
+    return Prepared(batch, _SUCCESS, unavailable or _UNAVAILABLE)
 
 
 def _always(response: Response) -> Any:
@@ -604,4 +611,6 @@ def _b64decode(data: str) -> bytes:
 
 # The answers that do not depend on the request, built once.
 _SUCCESS = _always(responses.success())
+_UNAVAILABLE = error_response(_STORE_UNAVAILABLE)
+_UNAVAILABLE_BATCH = error_response(_STORE_UNAVAILABLE, batch_shape=True)
 _PIXEL = _always(responses.pixel())

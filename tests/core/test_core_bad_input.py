@@ -21,8 +21,10 @@ import pytest
 
 from fp_collect import Collector, Limits, Request, Response, Source
 from fp_collect.dialects.segment import MESSAGE_TYPES
-from fp_collect.errors import ConfigError
+from fp_collect.errors import ConfigError, StoreUnavailable
 from fp_collect.responses import PIXEL_GIF
+from fp_collect.store import Batch, Outcome
+from fp_collect.store.memory import MemoryStore
 
 FIXED = 1_700_000_000.123
 RECEIVED_ISO = "2023-11-14T22:13:20.123Z"
@@ -40,6 +42,13 @@ INVALID_KEY = {
     "Error": "Bad Request",
     "Message": "Invalid or missing writekey",
     "Details": "",
+    "code": "invalid_write_key",
+    "message": "Invalid or missing writekey",
+}
+# On the batch endpoints, in the seed's batch shape.
+INVALID_KEY_BATCH = {
+    "Success": False,
+    "Errors": [{"Error": "Bad Request", "Message": "Invalid or missing writekey", "Details": ""}],
     "code": "invalid_write_key",
     "message": "Invalid or missing writekey",
 }
@@ -581,7 +590,64 @@ def test_missing_unknown_and_disabled_keys_get_one_identical_answer(path: str) -
     assert len(answers) == 1
     [(status, _, body)] = answers
     assert status == 400
-    assert json.loads(body) == INVALID_KEY
+    assert json.loads(body) == (INVALID_KEY_BATCH if path in BATCH_PATHS else INVALID_KEY)
+
+
+class DownStore(MemoryStore):
+    """A store that cannot commit anything."""
+
+    def commit(self, batch: Batch, timeout: float | None = None) -> list[Outcome]:
+        raise StoreUnavailable("the disk is gone")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "shape"),
+    [
+        ("/v1/track", track(), "single"),
+        ("/v1/webhook", track(), "single"),
+        ("/v1/batch", {"batch": [track()]}, "batch"),
+        ("/v1/b", {"batch": [track(), 7]}, "batch"),  # partly refused: its 207 never comes
+        ("/v1/webhook", {"batch": [track()]}, "batch"),
+    ],
+)
+def test_503_comes_in_the_shape_of_the_endpoints_errors(
+    path: str, body: dict[str, object], shape: str
+) -> None:
+    collector = Collector(sources=[Source(write_key=LIVE_KEY, id=LIVE_ID)], store=DownStore())
+    response = send(collector, path, body, headers={"authorization": basic(LIVE_KEY)})
+    assert response.status == 503
+    assert ("retry-after", "5") in response.headers
+    error = {
+        "Error": "Service Unavailable",
+        "Message": "The event store is unavailable, retry later",
+        "Details": "",
+    }
+    summary = {"code": "store_unavailable", "message": error["Message"]}
+    if shape == "batch":
+        assert answer(response) == {"Success": False, "Errors": [error], **summary}
+    else:
+        assert answer(response) == {**error, **summary}
+
+
+@pytest.mark.parametrize("path", ["/v1/m", "/v1/m/"])
+def test_analytics_js_telemetry_is_answered_and_not_kept(collector: Collector, path: str) -> None:
+    """analytics-next posts ``{"series": [...]}`` (text/plain, no key) to ``{apiHost}/m``
+    every 30 s: answered 200 so it never reaches the host app, and nothing is stored."""
+    series = {"series": [{"type": "Counter", "metric": "analytics_js.invoke", "value": 1,
+                          "tags": {"library": "analytics.js"}}]}  # fmt: skip
+    response = send(collector, path, series, headers={"content-type": "text/plain"})
+    assert (response.status, answer(response)) == (200, {"success": True})
+    assert collector.route("/v1/m") is not None
+    assert list(collector.store.events()) == [] and list(collector.store.rejections()) == []
+    assert send(collector, path, method="GET").status == 405
+
+
+def test_a_webhook_batch_without_a_valid_key_is_answered_in_the_batch_shape(
+    collector: Collector,
+) -> None:
+    for query in ("", f"writeKey={UNKNOWN_KEY}"):
+        response = send(collector, "/v1/webhook", {"batch": [track()]}, query=query)
+        assert (response.status, answer(response)) == (400, INVALID_KEY_BATCH)
 
 
 @pytest.mark.parametrize("key", [123, None, [], {}, True, ""], ids=repr)
@@ -1001,7 +1067,7 @@ def test_the_event_limit_is_configurable_and_inclusive() -> None:
 def test_a_batch_with_no_valid_key_anywhere_is_refused_once(collector: Collector) -> None:
     items = [track(writeKey=UNKNOWN_KEY, messageId=f"m-{i}") for i in range(50)] + [0, "x"]
     response = send(collector, "/v1/batch", {"batch": items})
-    assert (response.status, answer(response)) == (400, INVALID_KEY)
+    assert (response.status, answer(response)) == (400, INVALID_KEY_BATCH)
     assert [(r.reason, r.index) for r in collector.store.rejections()] == [
         ("invalid_write_key", None)
     ]
