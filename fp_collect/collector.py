@@ -26,7 +26,7 @@ from fp_collect.config import CollectorConfig
 from fp_collect.dialects import Reader, Route, firstparty, segment, userevent
 from fp_collect.errors import StoreUnavailable
 from fp_collect.http import HeaderList, Request, Response
-from fp_collect.pipeline import Pipeline, Prepared
+from fp_collect.pipeline import Pipeline, Prepared, recorded
 from fp_collect.read_api import PROFILES_PATH, ReadAPI
 from fp_collect.store import Store, open_store
 from fp_collect.store.base import Batch, Outcome, Pending, RejectionRecord, within
@@ -214,7 +214,7 @@ class Collector:
             message="the collector failed on this request",
             received_at=format_iso(received),
             endpoint=request.path,
-            payload=request.body.decode("utf-8", "backslashreplace"),
+            payload=recorded(request.body),
         )
         body = responses.single_error(
             HTTPStatus.BAD_REQUEST,

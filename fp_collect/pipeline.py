@@ -35,6 +35,12 @@ from fp_collect.timestamps import MAX_EPOCH, MIN_EPOCH, format_iso, parse_iso
 
 Message = dict[str, Any]
 
+# A refusal is recorded to be read, not replayed: its payload is cut to this many
+# characters, so that no client (a refused one needs no key) can make one record, and
+# with it every page the read API or the CLI loads, arbitrarily large. It keeps any
+# single call whole and the beginning of a batch.
+MAX_RECORDED_PAYLOAD = 32 * 1024
+
 
 @dataclass(slots=True)
 class Incoming:
@@ -277,7 +283,7 @@ class Pipeline:
                 message=with_details(rejected.message, rejected.details),
                 received_at=incoming.received_iso,
                 endpoint=incoming.endpoint,
-                payload=as_text(payload),
+                payload=recorded(payload),
             )
         ]
 
@@ -313,11 +319,24 @@ class Pipeline:
             message=rejected.message,
             received_at=incoming.received_iso,
             endpoint=incoming.endpoint,
-            payload=dumps_lenient(item),
+            payload=recorded(dumps_lenient(item)),
             index=index,
             # as_text: a hostile id may hold a lone surrogate that no store accepts.
             message_id=as_text(message_id) if isinstance(message_id, str) else None,
         )
+
+
+def recorded(payload: bytes | str) -> str:
+    """``payload`` as :func:`as_text`, cut to :data:`MAX_RECORDED_PAYLOAD` characters
+    with a note of how long it was."""
+    if len(payload) <= MAX_RECORDED_PAYLOAD:
+        text = as_text(payload)
+        if len(text) <= MAX_RECORDED_PAYLOAD:
+            return text
+    # Only the beginning is decoded: an escaped invalid byte takes four characters.
+    unit = "bytes" if isinstance(payload, bytes) else "characters"
+    kept = as_text(payload[:MAX_RECORDED_PAYLOAD])[:MAX_RECORDED_PAYLOAD]
+    return f"{kept}... [cut at {MAX_RECORDED_PAYLOAD} characters; it had {len(payload)} {unit}]"
 
 
 def as_text(payload: bytes | str) -> str:

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 from fp_collect import responses
 from fp_collect.auth import invalid_write_key
 from fp_collect.config import Source
-from fp_collect.decoding import encode_event, oversize_candidates, too_large
+from fp_collect.decoding import dumps_lenient, encode_event, oversize_candidates, too_large
 from fp_collect.dialects import Route
 from fp_collect.errors import Discarded, ItemRejected, RequestRejected
 from fp_collect.http import Request, Response
@@ -244,12 +244,13 @@ class SegmentAPI:
             source = self.pipeline.keys.resolve(key)
             return self._refused(rejected, incoming, payload, source, batch_shape=True)
 
-        # Only when the whole body could exceed the per-event limit are items measured, and
-        # then only those that a measure of their group does not vouch for.
+        # The per-event limit holds for the event as stored, the batch's defaults merged
+        # in: each item may take what they leave. Only when the whole body could exceed
+        # that are items measured, and then only those that a measure of their group does
+        # not vouch for.
+        room = self.limits.max_event_bytes - defaults.size
         to_measure = (
-            oversize_candidates(items, len(payload), self.limits.max_event_bytes)
-            if len(payload) > self.limits.max_event_bytes
-            else frozenset()
+            oversize_candidates(items, len(payload), room) if len(payload) > room else frozenset()
         )
         batch = Batch()
         errors: list[dict[str, object]] = []
@@ -262,12 +263,16 @@ class SegmentAPI:
                     raise ItemRejected(
                         "invalid_json", f"the event cannot be stored as JSON: {unstorable[index]}"
                     )
+                if isinstance(item, dict):
+                    defaults.apply(item)
                 if (
                     index in to_measure
                     and len(encode_event(item).encode()) > self.limits.max_event_bytes
                 ):
+                    merged = " with the batch's defaults merged in" if defaults.size else ""
                     raise ItemRejected(
-                        "event_too_large", f"event larger than {self.limits.max_event_bytes} bytes"
+                        "event_too_large",
+                        f"event larger than {self.limits.max_event_bytes} bytes{merged}",
                     )
                 if not isinstance(item, dict):
                     raise ItemRejected("invalid_event", "each batch item must be a JSON object")
@@ -275,7 +280,6 @@ class SegmentAPI:
                     raise ItemRejected("invalid_write_key", "Invalid or missing writekey")
                 if not source.allows_origin(incoming.origin):
                     raise ItemRejected("origin_not_allowed", "Origin not allowed for this source")
-                defaults.apply(item)
                 event = self._event(item, None, source, incoming, defaults.sent_at)
                 event.index = index
                 batch.events.append(event)
@@ -391,7 +395,7 @@ class BatchDefaults:
     item that has no ``sentAt`` of its own.
     """
 
-    __slots__ = ("_shared", "context", "integrations", "sent_at", "timestamp")
+    __slots__ = ("_shared", "context", "integrations", "sent_at", "size", "timestamp")
 
     def __init__(
         self,
@@ -410,6 +414,11 @@ class BatchDefaults:
             for name, shared in (("context", context), ("integrations", integrations))
             if shared is not None
         )
+        # The most bytes apply() can add to an item's encoding: each shared object with
+        # its key, the timestamp with its. An item's own keys win, so it may add less.
+        self.size = sum(len(name) + 4 + _encoded_size(shared) for name, shared in self._shared)
+        if timestamp is not None:
+            self.size += len("timestamp") + 4 + _encoded_size(timestamp)
 
     @classmethod
     def from_body(cls, body: Message) -> BatchDefaults:
@@ -437,6 +446,15 @@ class BatchDefaults:
                 item[name] = {**shared, **own}
         if self.timestamp is not None and item.get("timestamp") is None:
             item["timestamp"] = self.timestamp
+
+
+def _encoded_size(value: object) -> int:
+    """Bytes of ``value`` as the store encodes it (as the JSON it came in, if it cannot be
+    encoded: each event that takes it is refused for that anyway)."""
+    try:
+        return len(encode_event(value).encode())
+    except ItemRejected:
+        return len(dumps_lenient(value).encode())
 
 
 def identity_op(message: Message, message_type: str, source: Source, at: float) -> IdentityOp:

@@ -22,6 +22,7 @@ import pytest
 from fp_collect import Collector, Limits, Request, Response, Source
 from fp_collect.dialects.segment import MESSAGE_TYPES
 from fp_collect.errors import ConfigError, StoreUnavailable
+from fp_collect.pipeline import MAX_RECORDED_PAYLOAD
 from fp_collect.responses import PIXEL_GIF
 from fp_collect.store import Batch, Outcome
 from fp_collect.store.memory import MemoryStore
@@ -370,6 +371,58 @@ def test_a_batch_refused_whole_for_mixed_reasons_is_400(collector: Collector) ->
     response = send(collector, "/v1/batch", {"writeKey": LIVE_KEY, "batch": items})
     assert (response.status, answer(response)["code"]) == (400, "invalid_batch")
     assert [e["code"] for e in answer(response)["Errors"]] == ["event_too_large", "missing_user_id"]
+
+
+def test_the_event_limit_counts_the_batch_defaults_merged_in(collector: Collector) -> None:
+    """The per-event limit holds for the event as stored: a batch-level context merged
+    into every item counts, so that a small body cannot make every stored event large."""
+    shared = {"pad": "c" * 10_000}
+    items = [track(messageId="small"), sized_event(6_000, messageId="big")]
+    body = {"writeKey": LIVE_KEY, "context": shared, "batch": items}
+    response = send(collector, "/v1/batch", body)
+    assert response.status == 207
+    [error] = answer(response)["Errors"]
+    assert (error["index"], error["code"]) == (1, "event_too_large")
+    assert error["Message"] == "event larger than 15360 bytes with the batch's defaults merged in"
+    [stored] = events(collector)
+    assert (stored["messageId"], stored["context"]["pad"]) == ("small", shared["pad"])
+
+
+def test_a_large_batch_context_cannot_be_copied_into_every_event(collector: Collector) -> None:
+    """The audit's amplification: 250 tiny items and a 100 KB batch context were stored as
+    250 events of 100 KB each. Each merged event is over the limit: 413, nothing stored."""
+    items = [track(messageId=f"m-{i}") for i in range(250)]
+    body = {"writeKey": LIVE_KEY, "context": {"pad": "c" * 100_000}, "batch": items}
+    response = send(collector, "/v1/batch", body)
+    assert (response.status, answer(response)["code"]) == (413, "event_too_large")
+    assert events(collector) == []
+    rejections = list(collector.store.rejections())
+    assert len(rejections) == 250
+    assert max(len(r.payload) for r in rejections) < MAX_RECORDED_PAYLOAD + 100
+
+
+def test_a_refused_body_is_recorded_cut_to_a_bounded_size(collector: Collector) -> None:
+    """No key needed to be recorded, so a record is bounded: 500 KiB of invalid UTF-8
+    (gzipped to half a kilobyte) would be kept as 2 MB of escapes. Kept: its beginning and
+    its size."""
+    raw = b"\xff" * MAX_BATCH
+    body = gzip.compress(raw)
+    assert len(body) < 1_000
+    response = send(collector, "/v1/batch", body, headers={"content-encoding": "gzip"})
+    assert (response.status, answer(response)["code"]) == (400, "invalid_json")
+    [rejection] = collector.store.rejections()
+    assert rejection.source_id is None
+    kept, note = rejection.payload[:MAX_RECORDED_PAYLOAD], rejection.payload[MAX_RECORDED_PAYLOAD:]
+    assert kept == "\\xff" * (MAX_RECORDED_PAYLOAD // 4)
+    assert note == f"... [cut at {MAX_RECORDED_PAYLOAD} characters; it had {MAX_BATCH} bytes]"
+
+
+def test_a_refused_single_call_is_recorded_whole(collector: Collector) -> None:
+    body = b"not json " + b"x" * (MAX_CALL - 9)
+    assert len(body) == MAX_CALL
+    assert send(collector, "/v1/track", body).status == 400
+    [rejection] = collector.store.rejections()
+    assert rejection.payload == body.decode()
 
 
 def nested(depth: int) -> bytes:
