@@ -116,33 +116,33 @@ class Collector:
     def handle(self, route: Route, request: Request) -> Response:
         """Process ``request`` and wait (blocking) until its events are committed."""
         if route.reader is not None and request.method in route.methods:
-            return self._with_cors(self._read(route.reader, request), request)
+            # No CORS: reading is for the site's own server and pages, never another origin.
+            return self._read(route.reader, request)
         prepared = self.prepare(route, request)
         if not (prepared.batch.events or prepared.batch.rejections):
-            return self._with_cors(prepared.respond([]), request)
+            return self._with_cors(prepared.respond([]), request, route)
         try:
             outcomes = self.store.commit(prepared.batch, self.config.commit_timeout)
         except (StoreUnavailable, FutureTimeout, OSError) as exc:
             logger.warning("fp-collect store unavailable: %s", self._why_unavailable(exc))
-            return self._with_cors(prepared.unavailable, request)
-        return self._with_cors(prepared.respond(outcomes), request)
+            return self._with_cors(prepared.unavailable, request, route)
+        return self._with_cors(prepared.respond(outcomes), request, route)
 
     async def handle_async(self, route: Route, request: Request) -> Response:
         """Like :meth:`handle`, awaiting the commit without blocking the event loop."""
         if route.reader is not None and request.method in route.methods:
             # Store reads block: run them in a worker thread, never on the loop.
-            response = await asyncio.to_thread(self._read, route.reader, request)
-            return self._with_cors(response, request)
+            return await asyncio.to_thread(self._read, route.reader, request)
         prepared = self.prepare(route, request)
         if not (prepared.batch.events or prepared.batch.rejections):
-            return self._with_cors(prepared.respond([]), request)
+            return self._with_cors(prepared.respond([]), request, route)
         try:
             commit = self.store.submit(prepared.batch)
             outcomes = await _committed(commit, self.config.commit_timeout)
         except (StoreUnavailable, asyncio.TimeoutError, OSError) as exc:
             logger.warning("fp-collect store unavailable: %s", self._why_unavailable(exc))
-            return self._with_cors(prepared.unavailable, request)
-        return self._with_cors(prepared.respond(outcomes), request)
+            return self._with_cors(prepared.unavailable, request, route)
+        return self._with_cors(prepared.respond(outcomes), request, route)
 
     def _why_unavailable(self, exc: BaseException) -> str:
         # A timeout's own text is empty.
@@ -177,7 +177,9 @@ class Collector:
 
     def _preflight(self, route: Route, request: Request) -> Response:
         origin = request.headers.get("origin")
-        if origin is None or not self._origin_allowed(origin):
+        # The read API is never offered to other origins: the sources' allowed origins
+        # are about who may send events, and a read token belongs on the site's side.
+        if origin is None or route.reader is not None or not self._origin_allowed(origin):
             body = responses.single_error(
                 HTTPStatus.FORBIDDEN, "origin_not_allowed", "Origin not allowed"
             )
@@ -192,9 +194,9 @@ class Collector:
             headers.append(("access-control-allow-headers", requested[:1000]))
         return Response(HTTPStatus.NO_CONTENT, headers, b"")
 
-    def _with_cors(self, response: Response, request: Request) -> Response:
+    def _with_cors(self, response: Response, request: Request, route: Route) -> Response:
         origin = request.headers.get("origin")
-        if origin is None or not self._origin_allowed(origin):
+        if origin is None or route.reader is not None or not self._origin_allowed(origin):
             return response
         # Echo the origin (never "*") so credentialed requests such as sendBeacon work.
         # Responses may be shared constants: build a new header list, never extend theirs.

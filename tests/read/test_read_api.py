@@ -221,3 +221,27 @@ def test_rejections_are_readable_too(collector: Collector) -> None:
     route = collector.route("/rejections")
     assert route is not None
     assert collector.handle(route, Request("GET", "/rejections")).status == 401
+
+
+@pytest.mark.parametrize("path", ["/events", "/rejections", "/profiles/PR123"])
+def test_the_read_api_is_never_offered_to_another_origin(collector: Collector, path: str) -> None:
+    """The sources' allowed origins ("*" by default) say who may send events; reading is
+    for the site's own server and pages. No CORS answer invites another origin's page to
+    read with a token, whatever the sources allow."""
+    route = collector.route(path)
+    assert route is not None
+    origin = {"origin": "https://evil.example"}
+    preflight = collector.handle(route, Request("OPTIONS", path, "", {
+        **origin, "access-control-request-method": "GET",
+        "access-control-request-headers": "authorization"}, b""))  # fmt: skip
+    assert preflight.status == 403
+    assert not any(name.startswith("access-control-") for name, _ in preflight.headers)
+    headers = {**origin, "authorization": f"Bearer {TOKEN}"}
+    response = collector.handle(route, Request("GET", path, "source_id=a", headers, b""))
+    assert response.status in (200, 404)
+    assert not any(name.startswith("access-control-") for name, _ in response.headers)
+    # Collection routes still answer the same origin (the sources allow "*").
+    collect = collector.route("/events/track")
+    assert collect is not None
+    allowed = collector.handle(collect, Request("OPTIONS", "/events/track", "", origin, b""))
+    assert allowed.status == 204
