@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -624,3 +625,20 @@ def test_a_reader_of_an_older_file_migrates_and_converts_nothing(tmp_path: Path)
     assert path.read_bytes() == before
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
+def test_a_new_file_is_private_to_its_owner(tmp_path: Path) -> None:
+    """It holds email addresses, IP addresses and traits: owner-only (0600) whatever the
+    umask, -wal and -shm alike. A file that exists keeps the permissions it has."""
+    old_umask = os.umask(0o022)
+    try:
+        with SQLiteStore(tmp_path / "new.db") as store:
+            store.commit(Batch(events=[event("m-1")]))
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        assert modes == {"new.db": 0o600, "new.db-wal": 0o600, "new.db-shm": 0o600}
+        shared = tmp_path / "shared.db"
+        shared.touch(mode=0o640)
+        with SQLiteStore(shared):
+            assert stat.S_IMODE(shared.stat().st_mode) == 0o640
+    finally:
+        os.umask(old_umask)

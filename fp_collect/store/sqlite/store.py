@@ -7,7 +7,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import replace
 from typing import Literal
 from urllib.parse import quote
@@ -179,6 +179,7 @@ class SQLiteStore(Store):
             )
 
     def _create_schema(self) -> None:
+        _create_private(self._path)
         try:
             with closing(self._connect(create=True)) as conn:
                 mode = self._enable_wal(conn)
@@ -484,6 +485,15 @@ class SQLiteStore(Store):
         self._writes.close()
         if threading.current_thread() is not self._writer:
             self._writer.join()
+
+
+def _create_private(path: str) -> None:
+    """Create the file at ``path``, readable and writable by its owner only, unless there
+    is one: it will hold personal data (email addresses, IP addresses, traits). SQLite
+    gives the -wal and -shm files it makes beside it the same permissions."""
+    # OSError: there is one already; or SQLite will say why it cannot make one.
+    with suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:
