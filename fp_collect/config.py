@@ -87,6 +87,7 @@ class Source:
         if ":" in self.write_key:
             # HTTP Basic splits user:password at the first colon.
             raise ConfigError("Source.write_key must not contain ':'")
+        _require_bool(self.enabled, "Source.enabled")
         if not self.id:
             digest = hashlib.sha256(self.write_key.encode()).hexdigest()[:16]
             object.__setattr__(self, "id", f"src_{digest}")
@@ -96,8 +97,7 @@ class Source:
         if not isinstance(self.rules, RuleSet):
             # A plain list of rules is welcome too.
             object.__setattr__(self, "rules", RuleSet(self.rules))
-        if not isinstance(self.strict_event_names, bool):
-            raise ConfigError("Source.strict_event_names must be True or False")
+        _require_bool(self.strict_event_names, "Source.strict_event_names")
         if not isinstance(self.restrictions, Restrictions):
             raise ConfigError("Source.restrictions must be a Restrictions object")
         if not isinstance(self.workspace, str) or not self.workspace:
@@ -270,6 +270,7 @@ class CollectorConfig:
         proxies = config_tuple(self.trusted_proxies, "trusted_proxies", one_string=True)
         object.__setattr__(self, "trusted_proxies", proxies)
         self.proxy_networks()  # validates
+        _require_bool(self.record_unauthenticated, "record_unauthenticated")
         if self.max_future_seconds < 0:
             raise ConfigError("max_future_seconds must not be negative")
         if self.commit_timeout <= 0:
@@ -346,6 +347,13 @@ def _strings(value: str | Iterable[str], what: str) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise ConfigError(f"{what}[{index}] must be a string, not {type(item).__name__}")
     return items
+
+
+def _require_bool(value: object, what: str) -> None:
+    """Only True or False: any other value (the string "false" from a config file, 0,
+    None) would be read for its truthiness and could leave a switch on."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be True or False, not {type(value).__name__}")
 
 
 def _split(value: str) -> Iterable[str]:
