@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,13 @@ from fp_collect.restrictions import Restrictions
 from fp_collect.rules import Rule, RuleSet
 
 KIB = 1024
+# The longest window an option in seconds may give (sessions, email-open throttle, the
+# future a timestamp may claim): a year is far beyond any real use, and a bound keeps
+# every "at + window" a time the stores (and Redis's expiry in milliseconds) can hold.
+MAX_WINDOW_SECONDS = 366 * 86400.0
+# A request waiting for its commit longer than an hour has long been given up by any
+# client or proxy in front of it; larger values would only disable the deadline.
+MAX_COMMIT_TIMEOUT = 3600.0
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -102,11 +110,18 @@ class Source:
             raise ConfigError("Source.restrictions must be a Restrictions object")
         if not isinstance(self.workspace, str) or not self.workspace:
             raise ConfigError("Source.workspace must be a non-empty string")
-        if self.session_timeout is not None and not self.session_timeout > 0:
-            raise ConfigError("Source.session_timeout must be positive seconds or None")
-        if self.partial_success_status not in (200, 207) or isinstance(
-            self.partial_success_status, bool
-        ):
+        if self.session_timeout is not None:
+            check_seconds(
+                self.session_timeout, "Source.session_timeout", MAX_WINDOW_SECONDS, none=True
+            )
+        # Restrictions refuses what is not positive; a finite bound is checked here too,
+        # where every source's settings pass.
+        window = self.restrictions.email_open_window
+        if window is not None:
+            check_seconds(window, "Restrictions.email_open_window", MAX_WINDOW_SECONDS, none=True)
+        # Exactly an int: True or 200.0 would compare equal and reach the HTTP layer.
+        status = self.partial_success_status
+        if type(status) is not int or status not in (200, 207):
             raise ConfigError("Source.partial_success_status must be 207 or 200")
         for origin in self.allowed_origins:
             if origin != "*" and ("://" not in origin or origin.endswith("/")):
@@ -169,17 +184,28 @@ class Limits:
     max_message_id_length: int = 255
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_call_bytes",
-            "max_batch_bytes",
-            "max_event_bytes",
-            "max_batch_events",
-            "max_depth",
-            "max_message_id_length",
-        ):
+        for name, maximum in _LIMIT_MAXIMA.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"Limits.{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= maximum:
+                raise ConfigError(
+                    f"Limits.{name} must be a whole number from 1 to {maximum}, got {value!r}"
+                )
+
+
+_LIMIT_MAXIMA = {
+    # Bodies are held in memory, and a decompression limit is a C ssize_t: beyond it a
+    # gzipped request would fail with an OverflowError instead of a 413.
+    "max_call_bytes": 1024 * 1024 * KIB,
+    "max_batch_bytes": 1024 * 1024 * KIB,
+    "max_event_bytes": 1024 * 1024 * KIB,
+    "max_batch_events": 100_000,
+    # Nested values are walked and copied recursively: well below Python's recursion
+    # limit (1000), where a deep event would fail with a RecursionError.
+    "max_depth": 512,
+    # Ids are index keys: 512 characters of up to 4 UTF-8 bytes stay under PostgreSQL's
+    # B-tree entry limit (about 2700 bytes).
+    "max_message_id_length": 512,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,10 +297,10 @@ class CollectorConfig:
         object.__setattr__(self, "trusted_proxies", proxies)
         self.proxy_networks()  # validates
         _require_bool(self.record_unauthenticated, "record_unauthenticated")
-        if self.max_future_seconds < 0:
-            raise ConfigError("max_future_seconds must not be negative")
-        if self.commit_timeout <= 0:
-            raise ConfigError("commit_timeout must be positive")
+        check_seconds(self.max_future_seconds, "max_future_seconds", MAX_WINDOW_SECONDS, zero=True)
+        # A NaN deadline would make every commit fail (and escape a WSGI server as a 500),
+        # an infinite one would let a stalled store hold requests forever.
+        check_seconds(self.commit_timeout, "commit_timeout", MAX_COMMIT_TIMEOUT)
         object.__setattr__(self, "read_tokens", _strings(self.read_tokens, "read_tokens"))
         for token in self.read_tokens:
             if len(token) < 16:
@@ -347,6 +373,24 @@ def _strings(value: str | Iterable[str], what: str) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise ConfigError(f"{what}[{index}] must be a string, not {type(item).__name__}")
     return items
+
+
+def check_seconds(
+    value: object, what: str, maximum: float, *, zero: bool = False, none: bool = False
+) -> float:
+    """``value`` if it is a finite number of seconds, more than 0 (or 0 itself when
+    ``zero``), at most ``maximum``; a ConfigError naming ``what`` otherwise. True and
+    False are not numbers here, nor is a string such as "1800" (as a file may hold).
+    ``none``: the message says None is accepted too (the caller lets it through)."""
+    low = "0 or more" if zero else "more than 0"
+    also = " (or None)" if none else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{what} must be a number of seconds{also}, not {type(value).__name__}")
+    if not (math.isfinite(value) and (value >= 0 if zero else value > 0) and value <= maximum):
+        raise ConfigError(
+            f"{what} must be seconds, {low} and at most {maximum:.0f}{also}, got {value!r}"
+        )
+    return float(value)
 
 
 def _require_bool(value: object, what: str) -> None:

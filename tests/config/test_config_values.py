@@ -4,6 +4,7 @@ to fail later, on a request."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import textwrap
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from fp_collect import Collector, CollectorConfig, Request, Source
+from fp_collect.config import Limits
 from fp_collect.errors import ConfigError
+from fp_collect.restrictions import Restrictions
 
 SOURCE = "[[sources]]\nwrite_key = 'site-key'\n"
 
@@ -71,3 +74,120 @@ def test_a_source_switched_off_in_a_file_is_off(tmp_path: Path) -> None:
     answer = collector.handle(route, Request("POST", "/events/track", body=body))
     # The Firstparty API answers a bad key 200 with success false.
     assert json.loads(answer.body)["code"] == "invalid_write_key"
+
+
+# -- numbers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "true", "'10'", "1e9"])
+def test_commit_timeout_is_a_finite_positive_number_of_seconds(tmp_path: Path, value: str) -> None:
+    """NaN made every write fail (a ValueError escaping a WSGI server as a 500) and
+    infinity removed the deadline a request waits for its commit."""
+    with pytest.raises(ConfigError, match="commit_timeout must be"):
+        load(tmp_path, f"commit_timeout = {value}")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "true", "'300'", "1e12"])
+def test_max_future_seconds_is_a_finite_number_of_seconds(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match="max_future_seconds must be"):
+        load(tmp_path, f"max_future_seconds = {value}")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-5", "true", "'1800'", "1e12"])
+def test_session_timeout_is_a_finite_positive_number_of_seconds(tmp_path: Path, value: str) -> None:
+    # true would have been one second: sessions cut after every pause.
+    with pytest.raises(ConfigError, match=r"sources\[0\]: Source.session_timeout must be"):
+        load(tmp_path, SOURCE + f"session_timeout = {value}")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "true", "'600'", "1e12"])
+def test_email_open_window_is_a_finite_positive_number_of_seconds(
+    tmp_path: Path, value: str
+) -> None:
+    with pytest.raises(ConfigError, match="email_open_window must be"):
+        load(tmp_path, SOURCE + f"restrictions = {{ email_open_window = {value} }}")
+
+
+def test_numbers_in_range_and_false_for_off_are_taken(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        """
+        commit_timeout = 2.5
+        max_future_seconds = 0
+        [[sources]]
+        write_key = 'site-key'
+        session_timeout = 600
+        restrictions = { email_open_window = false }
+        [[sources]]
+        write_key = 'app-key'
+        session_timeout = false
+        restrictions = { email_open_window = 60 }
+        """,
+    )
+    site, app = config.sources
+    assert (config.commit_timeout, config.max_future_seconds) == (2.5, 0)
+    assert (site.session_timeout, app.session_timeout) == (600, None)
+    assert (site.restrictions.email_open_window, app.restrictions.email_open_window) == (None, 60)
+
+
+@pytest.mark.parametrize(
+    ("make", "option"),
+    [
+        (lambda: CollectorConfig(commit_timeout=float("nan")), "commit_timeout"),
+        (lambda: CollectorConfig(commit_timeout=float("inf")), "commit_timeout"),
+        (lambda: CollectorConfig(commit_timeout=True), "commit_timeout"),
+        (lambda: CollectorConfig(max_future_seconds=float("nan")), "max_future_seconds"),
+        (lambda: CollectorConfig(max_future_seconds=float("inf")), "max_future_seconds"),
+        (lambda: Source(write_key="k", session_timeout=float("inf")), "session_timeout"),
+        (lambda: Source(write_key="k", session_timeout=True), "session_timeout"),
+        (
+            lambda: Source(
+                write_key="k", restrictions=Restrictions(email_open_window=float("inf"))
+            ),
+            "email_open_window",
+        ),
+        (lambda: Source(write_key="k", partial_success_status=200.0), "partial_success_status"),  # type: ignore[arg-type]
+    ],
+)
+def test_numbers_as_keywords_are_finite_and_in_range(
+    make: Callable[[], object], option: str
+) -> None:
+    with pytest.raises(ConfigError, match=option):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("max_batch_bytes", 0),
+        ("max_batch_bytes", True),
+        ("max_batch_bytes", 10**30),
+        ("max_call_bytes", 2**40),
+        ("max_depth", 100_000),
+        ("max_message_id_length", 10_000),
+        ("max_batch_events", 10**9),
+        ("max_event_bytes", 15.5),
+    ],
+)
+def test_limits_are_whole_numbers_in_range(tmp_path: Path, name: str, value: object) -> None:
+    text = f"[limits]\n{name} = {str(value).lower()}"
+    with pytest.raises(ConfigError, match=f"Limits.{name} must be a whole number from 1 to"):
+        load(tmp_path, text)
+
+
+def test_a_huge_body_limit_cannot_turn_a_gzipped_request_into_a_server_error() -> None:
+    """Why the byte limits have a ceiling: the decompression limit is a C ssize_t."""
+    with pytest.raises(ConfigError, match="max_call_bytes"):
+        Limits(max_call_bytes=10**30)
+    collector = Collector(
+        CollectorConfig(
+            sources=[Source(write_key="k")],
+            storage="memory://",
+            limits=Limits(max_call_bytes=2**30),  # the ceiling: 1 GiB
+        )
+    )
+    body = gzip.compress(b'{"event": "Page Viewed", "write_key": "k"}')
+    route = collector.route("/events/track")
+    assert route is not None
+    request = Request("POST", "/events/track", body=body, headers={"content-encoding": "gzip"})
+    assert json.loads(collector.handle(route, request).body)["success"] is True
