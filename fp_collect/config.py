@@ -96,6 +96,12 @@ class Source:
             # HTTP Basic splits user:password at the first colon.
             raise ConfigError("Source.write_key must not contain ':'")
         _require_bool(self.enabled, "Source.enabled")
+        # The id is stored with every event and the name shown: a number here would be
+        # stored as something else than what the file says, or fail deep in a store.
+        if not isinstance(self.id, str):
+            raise ConfigError(f"Source.id must be a string, not {type(self.id).__name__}")
+        if not isinstance(self.name, str):
+            raise ConfigError(f"Source.name must be a string, not {type(self.name).__name__}")
         if not self.id:
             digest = hashlib.sha256(self.write_key.encode()).hexdigest()[:16]
             object.__setattr__(self, "id", f"src_{digest}")
@@ -157,6 +163,8 @@ class Workspace:
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
             raise ConfigError("Workspace.id must be a non-empty string")
+        if not isinstance(self.name, str):
+            raise ConfigError(f"Workspace.name must be a string, not {type(self.name).__name__}")
         sources = config_tuple(self.sources, f"workspace {self.id!r}: sources")
         if not all(isinstance(s, Source) for s in sources):
             raise ConfigError(f"workspace {self.id!r}: sources must be Source objects")
@@ -302,7 +310,15 @@ class CollectorConfig:
         # an infinite one would let a stalled store hold requests forever.
         check_seconds(self.commit_timeout, "commit_timeout", MAX_COMMIT_TIMEOUT)
         object.__setattr__(self, "read_tokens", _strings(self.read_tokens, "read_tokens"))
-        for token in self.read_tokens:
+        for index, token in enumerate(self.read_tokens):
+            # A token arrives in a Bearer header, stripped, and compared byte for byte:
+            # one with surrounding spaces, a control character or a non-ASCII letter
+            # could never be presented. The message names the entry, never the secret.
+            if not (token.isascii() and token.isprintable()) or token != token.strip():
+                raise ConfigError(
+                    f"read_tokens[{index}] must be printable ASCII without leading or "
+                    "trailing spaces (it could never match an Authorization header)"
+                )
             if len(token) < 16:
                 raise ConfigError("each read token must be a secret of at least 16 characters")
             if any(token == source.write_key for source in self.sources):
@@ -311,6 +327,13 @@ class CollectorConfig:
     def proxy_networks(self) -> tuple[IPNetwork, ...]:
         networks = []
         for entry in self.trusted_proxies:
+            # ip_network() takes an int as an address (10 is 0.0.0.10): never what a
+            # configuration meant, so only text and ipaddress objects are proxies.
+            if not isinstance(entry, (str, *_IP_TYPES)):
+                raise ConfigError(
+                    f"trusted proxy {entry!r} must be a string such as '10.0.0.0/8', "
+                    f"not {type(entry).__name__}"
+                )
             try:
                 networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError as exc:
@@ -360,9 +383,33 @@ def normalise_prefix(prefix: str) -> str:
         return ""
     if not prefix.startswith("/"):
         prefix = "/" + prefix
-    if any(c in prefix for c in "?#") or "//" in prefix:
-        raise ConfigError(f"prefix {prefix!r} must be a plain path such as '/collect'")
+    # Routes are matched against the request's path as the server decoded it, so a
+    # prefix must be written decoded too, and only with characters every client sends
+    # as they are (RFC 3986 pchar): "%20", a space, "?", "#" or a non-ASCII letter (which
+    # WSGI and ASGI decode differently) would never match, nor would "." or ".." steps,
+    # which clients remove.
+    steps = prefix.split("/")[1:]
+    if (
+        not set(prefix) <= _PATH_CHARACTERS
+        or "//" in prefix
+        or any(step in (".", "..") for step in steps)
+    ):
+        raise ConfigError(
+            f"prefix {prefix!r} must be a plain path such as '/collect' (letters, digits "
+            "and -._~!$&'()*+,;=:@ between slashes, no %-escapes)"
+        )
     return prefix.rstrip("/")
+
+
+_PATH_CHARACTERS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:@/"
+)
+_IP_TYPES = (
+    ipaddress.IPv4Address,
+    ipaddress.IPv6Address,
+    ipaddress.IPv4Network,
+    ipaddress.IPv6Network,
+)
 
 
 def _strings(value: str | Iterable[str], what: str) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ keys are errors, so a typo never silently turns a setting off.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -82,8 +83,11 @@ def load_config(path: str | os.PathLike[str], **overrides: object) -> CollectorC
             data = tomllib.load(file)
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {os.fspath(path)!r}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{os.fspath(path)!r} is not valid TOML: {exc}") from exc
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(f"{os.fspath(path)!r} nests arrays or tables too deeply") from None
     try:
         return config_from_mapping(data, **overrides)
     except ConfigError as exc:
@@ -97,7 +101,12 @@ def config_from_mapping(data: Mapping[str, Any], **overrides: object) -> Collect
         if key in values:
             values[key] = tuple(_list(values[key], key))
     if "limits" in data:
-        values["limits"] = Limits(**_table(data["limits"], "limits"))
+        limits = _table(data["limits"], "limits")
+        _known(limits, _LIMIT_KEYS, "limits")
+        try:
+            values["limits"] = Limits(**limits)
+        except ConfigError as exc:
+            raise ConfigError(f"limits: {exc}") from exc
     values["sources"] = tuple(
         _source(table, f"sources[{i}]") for i, table in enumerate(_list(data.get("sources", []),
                                                                          "sources"))
@@ -114,6 +123,7 @@ def config_from_mapping(data: Mapping[str, Any], **overrides: object) -> Collect
 
 
 _STRUCTURED = frozenset({"limits", "sources", "workspaces"})
+_LIMIT_KEYS = frozenset(f.name for f in dataclasses.fields(Limits))
 
 
 def _workspace(table: object, index: int) -> Workspace:
@@ -124,7 +134,10 @@ def _workspace(table: object, index: int) -> Workspace:
         _source(source, f"{where}.sources[{i}]")
         for i, source in enumerate(_list(data.get("sources", []), f"{where}.sources"))
     )
-    return Workspace(id=data.get("id", ""), name=data.get("name", ""), sources=sources)
+    try:
+        return Workspace(id=data.get("id", ""), name=data.get("name", ""), sources=sources)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def _source(table: object, where: str) -> Source:
@@ -141,6 +154,8 @@ def _source(table: object, where: str) -> Source:
         ]
     if "restrictions" in data:
         data["restrictions"] = _restrictions(data["restrictions"], f"{where}.restrictions")
+    if "write_key" not in data:
+        raise ConfigError(f"{where}: write_key is required")
     try:
         return Source(**data)
     except ConfigError as exc:  # say which source, as the other errors here do
@@ -174,7 +189,8 @@ def _restrictions(table: object, where: str) -> Restrictions:
 def _rule(table: object, where: str) -> Rule:
     data = dict(_table(table, where))
     kind = data.pop("type", None)
-    if kind not in _RULES:
+    # A string first: an array or a table is unhashable, and "in" would raise TypeError.
+    if not isinstance(kind, str) or kind not in _RULES:
         raise ConfigError(f"{where}: type must be one of {', '.join(sorted(_RULES))}")
     make, keywords = _RULES[kind]
     _known(data, set(keywords), where)
@@ -183,6 +199,8 @@ def _rule(table: object, where: str) -> Rule:
     except TypeError as exc:  # a required key is missing
         needed = ", ".join(sorted(keywords))
         raise ConfigError(f"{where}: a {kind} rule takes {needed}") from exc
+    except ConfigError as exc:  # a value of the wrong type
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def _table(value: object, where: str) -> Mapping[str, Any]:

@@ -5,6 +5,7 @@ to fail later, on a request."""
 from __future__ import annotations
 
 import gzip
+import ipaddress
 import json
 import re
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fp_collect import Collector, CollectorConfig, Request, Source
+from fp_collect import Collector, CollectorConfig, Request, Source, Workspace
 from fp_collect.config import Limits
 from fp_collect.errors import ConfigError
 from fp_collect.restrictions import Restrictions
@@ -191,3 +192,64 @@ def test_a_huge_body_limit_cannot_turn_a_gzipped_request_into_a_server_error() -
     assert route is not None
     request = Request("POST", "/events/track", body=body, headers={"content-encoding": "gzip"})
     assert json.loads(collector.handle(route, request).body)["success"] is True
+
+
+# -- values that could never work ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prefix", ["/my%20app", "/my app", "/café", "/a/../collect", "/./collect", "/a\tb", "/a//b"]
+)
+def test_a_prefix_no_request_path_can_match_is_refused(prefix: str) -> None:
+    """Routes are matched against the decoded path: these would never be reached."""
+    with pytest.raises(ConfigError, match="must be a plain path"):
+        CollectorConfig(prefix=prefix)
+
+
+def test_a_prefix_of_path_characters_is_taken_and_routes() -> None:
+    config = CollectorConfig(
+        sources=[Source(write_key="k")], storage="memory://", prefix="collect/v2~a_b-c.d/"
+    )
+    assert config.prefix == "/collect/v2~a_b-c.d"
+    assert Collector(config).route("/collect/v2~a_b-c.d/events/track") is not None
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        " a-read-token-of-16+-characters",
+        "a-read-token-of-16+-characters\n",
+        " " * 20,
+        "a-read-tōken-of-16+-characters",
+        "a-read-token\x00of-16+-characters",
+    ],
+)
+def test_a_read_token_no_header_could_carry_is_refused_without_showing_it(token: str) -> None:
+    with pytest.raises(ConfigError, match=r"read_tokens\[0\] must be printable ASCII") as raised:
+        CollectorConfig(read_tokens=[token])
+    assert "read-t" not in str(raised.value)  # the secret is not shown
+
+
+def test_a_read_token_with_an_inner_space_is_a_token() -> None:
+    assert CollectorConfig(read_tokens=["two words, 16+ characters"]).read_tokens == (
+        "two words, 16+ characters",
+    )
+
+
+def test_trusted_proxies_are_text_or_ipaddress_objects_never_numbers() -> None:
+    # ipaddress reads the int 10 as 0.0.0.10: never the 10.0.0.0/8 meant.
+    with pytest.raises(ConfigError, match="trusted proxy 10 must be a string"):
+        CollectorConfig(trusted_proxies=[10])  # type: ignore[list-item]
+    # ipaddress objects still work, as before, though the type hints only name strings.
+    proxies = ["10.0.0.0/8", ipaddress.ip_address("::1")]
+    config = CollectorConfig(trusted_proxies=proxies)  # type: ignore[arg-type]
+    assert [str(n) for n in config.proxy_networks()] == ["10.0.0.0/8", "::1/128"]
+
+
+def test_a_source_id_and_names_are_strings() -> None:
+    with pytest.raises(ConfigError, match=r"Source\.id must be a string, not int"):
+        Source(write_key="k", id=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"Source\.name must be a string, not NoneType"):
+        Source(write_key="k", name=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"Workspace\.name must be a string, not int"):
+        Workspace("w", name=5)  # type: ignore[arg-type]
