@@ -27,7 +27,7 @@ from typing import IO, Any, NoReturn, TypeVar
 from fp_collect import __version__
 from fp_collect.config import CollectorConfig, Source
 from fp_collect.errors import ConfigError, StoreUnavailable
-from fp_collect.store import Query, Store, StoredEvent, StoredRejection, open_store
+from fp_collect.store import Query, Store, StoredEvent, StoredRejection, open_store, redact
 from fp_collect.timestamps import format_iso, parse_iso
 
 PROG = "fp-collect"
@@ -616,11 +616,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _banner(config: CollectorConfig, host: str, port: int, generated: bool) -> str:
     base = f"http://{_display_host(host)}:{port}{config.prefix}"
+    # The banner ends up in terminals, logs and screenshots: never the storage password
+    # (the "Try:" lines then need it put back, which beats leaking it).
+    storage = redact(config.storage)
     first = config.sources[0]
     key = first.write_key
     lines = [
         f"{PROG} dev server (for development; mount the collector in your app for real use)",
-        f"  storage:    {config.storage}",
+        f"  storage:    {storage}",
         f"  endpoints:  {base}/v1/  (track, page, identify, group, alias, batch, ...)",
         f"  origins:    {', '.join(first.allowed_origins)}",
     ]
@@ -640,8 +643,8 @@ def _banner(config: CollectorConfig, host: str, port: int, generated: bool) -> s
         f"  curl -u {shlex.quote(key + ':')} -H 'Content-Type: application/json' "
         f"-d {shlex.quote(_compact(track))} {base}/v1/track",
         f"  curl -H 'Content-Type: text/plain' -d {shlex.quote(_compact(page))} {base}/v1/page",
-        f"  {PROG} events --storage {shlex.quote(config.storage)}",
-        f"  {PROG} rejections --storage {shlex.quote(config.storage)}",
+        f"  {PROG} events --storage {shlex.quote(storage)}",
+        f"  {PROG} rejections --storage {shlex.quote(storage)}",
         "",
     ]
     return "\n".join(lines)

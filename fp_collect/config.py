@@ -8,11 +8,13 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as fields_of
 from typing import TYPE_CHECKING
 
 from fp_collect.errors import ConfigError, config_tuple
 from fp_collect.restrictions import Restrictions
 from fp_collect.rules import Rule, RuleSet
+from fp_collect.store import redact
 
 KIB = 1024
 # The longest window an option in seconds may give (sessions, email-open throttle, the
@@ -295,9 +297,12 @@ class CollectorConfig:
             seen_ids.add(source.id)
         object.__setattr__(self, "prefix", normalise_prefix(self.prefix))
         if not isinstance(self.storage, str) or "://" not in self.storage:
+            # What was given is not shown: it may hold a password in a form that cannot
+            # be told apart without the "://".
+            storage = self.storage
+            got = "no '://'" if isinstance(storage, str) else f"a {type(storage).__name__}"
             raise ConfigError(
-                f"storage must be a URL such as 'sqlite:///events.db' or 'memory://', "
-                f"got {self.storage!r}"
+                f"storage must be a URL such as 'sqlite:///events.db' or 'memory://', got {got}"
             )
         # Not _strings: ipaddress objects are welcome too, and proxy_networks() below says
         # what is wrong with an entry.
@@ -323,6 +328,13 @@ class CollectorConfig:
                 raise ConfigError("each read token must be a secret of at least 16 characters")
             if any(token == source.write_key for source in self.sources):
                 raise ConfigError("a read token must not be a write key: write keys are public")
+
+    def __repr__(self) -> str:
+        # A repr lands in logs and tracebacks: read tokens are secrets, and the storage
+        # URL may carry a password. Write keys are public by design and stay.
+        shown = {"storage": redact(self.storage), "read_tokens": _Hidden(len(self.read_tokens))}
+        fields = [f"{f.name}={shown.get(f.name, getattr(self, f.name))!r}" for f in fields_of(self)]
+        return f"CollectorConfig({', '.join(fields)})"
 
     def proxy_networks(self) -> tuple[IPNetwork, ...]:
         networks = []
@@ -399,6 +411,16 @@ def normalise_prefix(prefix: str) -> str:
             "and -._~!$&'()*+,;=:@ between slashes, no %-escapes)"
         )
     return prefix.rstrip("/")
+
+
+class _Hidden:
+    """Stands for secrets in a repr: how many, not what."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __repr__(self) -> str:
+        return f"<{self.count} hidden>"
 
 
 _PATH_CHARACTERS = frozenset(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 from urllib.parse import parse_qsl
 
@@ -33,6 +34,7 @@ __all__ = [
     "StoredEvent",
     "StoredRejection",
     "open_store",
+    "redact",
 ]
 
 
@@ -58,7 +60,8 @@ def open_store(url: str, *, create: bool = True) -> Store:
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ConfigError(f"storage URL {url!r} has no scheme (try 'sqlite:///events.db')")
+        # Not shown: without "://" it cannot be told where a password would be.
+        raise ConfigError("the storage URL has no scheme:// (try 'sqlite:///events.db')")
     if scheme == "memory":
         from fp_collect.store.memory import MemoryStore
 
@@ -69,7 +72,9 @@ def open_store(url: str, *, create: bool = True) -> Store:
         rest, _, query = rest.partition("?")
         path = rest[1:] if rest.startswith("/") else rest
         if not path:
-            raise ConfigError(f"storage URL {url!r} names no file (try 'sqlite:///events.db')")
+            raise ConfigError(
+                f"storage URL {redact(url)!r} names no file (try 'sqlite:///events.db')"
+            )
         return SQLiteStore(path, synchronous=_sqlite_synchronous(url, query), create=create)
     if scheme in ("postgresql", "postgres"):
         _require_extra("psycopg", "postgres", url)
@@ -83,9 +88,30 @@ def open_store(url: str, *, create: bool = True) -> Store:
 
         return RedisStore(url)
     raise ConfigError(
-        f"unknown storage scheme {scheme!r} in {url!r}; use sqlite://, postgresql://, "
+        f"unknown storage scheme {scheme!r} in {redact(url)!r}; use sqlite://, postgresql://, "
         "redis://, rediss:// or memory://"
     )
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for everything shown (messages, the
+    dev server's banner, reprs): the one in the user info (``scheme://user:***@host``)
+    and a ``password=`` or ``sslpassword=`` option, which libpq reads from the query.
+    Never fails, so a URL too malformed to parse is still shown without its secret."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _PASSWORD_OPTION.sub(r"\1***", url)
+    # The host part ends at the first "/", "?" or "#"; a password may hold "@" and ":"
+    # (the user info ends at the last "@", as urlsplit reads it).
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")
+    netloc = rest[:end]
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    return scheme + sep + netloc + _PASSWORD_OPTION.sub(r"\1***", rest[end:])
+
+
+_PASSWORD_OPTION = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
 
 
 def _require_extra(module: str, extra: str, url: str) -> None:
@@ -105,15 +131,15 @@ def _sqlite_synchronous(url: str, query: str) -> Literal["FULL", "NORMAL"]:
     try:
         options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
     except ValueError as exc:
-        raise ConfigError(f"storage URL {url!r} has a malformed query: {exc}") from exc
+        raise ConfigError(f"storage URL {redact(url)!r} has a malformed query: {exc}") from exc
     unknown = sorted(set(options) - {"synchronous"})
     if unknown:
         raise ConfigError(
-            f"storage URL {url!r}: unknown option {unknown[0]!r} (SQLite takes synchronous)"
+            f"storage URL {redact(url)!r}: unknown option {unknown[0]!r} (SQLite takes synchronous)"
         )
     value = options.get("synchronous", "FULL").upper()
     if value == "FULL":
         return "FULL"
     if value == "NORMAL":
         return "NORMAL"
-    raise ConfigError(f"storage URL {url!r}: synchronous must be FULL or NORMAL")
+    raise ConfigError(f"storage URL {redact(url)!r}: synchronous must be FULL or NORMAL")

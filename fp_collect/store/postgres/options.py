@@ -10,6 +10,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
 from fp_collect.errors import ConfigError
+from fp_collect.store import redact
 
 DEFAULT_SCHEMA = "fp_collect"
 DEFAULT_POOL_SIZE = 4
@@ -30,6 +31,14 @@ class PostgresOptions:
     # libpq parameters we default when neither the URL nor the environment sets them.
     defaults: tuple[tuple[str, str], ...] = ()
 
+    def __repr__(self) -> str:
+        # Options end up in logs and tracebacks; the conninfo may hold the password.
+        return (
+            f"PostgresOptions(conninfo={redact(self.conninfo)!r}, schema={self.schema!r}, "
+            f"pool_size={self.pool_size!r}, statement_timeout={self.statement_timeout!r}, "
+            f"connect_timeout={self.connect_timeout!r}, defaults={self.defaults!r})"
+        )
+
 
 def parse_url(url: str) -> PostgresOptions:
     """Read this store's options out of ``url``; the rest is left byte for byte."""
@@ -46,7 +55,9 @@ def parse_url(url: str) -> PostgresOptions:
     try:
         params = conninfo_to_dict(conninfo)
     except psycopg.Error as exc:
-        raise ConfigError(f"invalid PostgreSQL URL: {exc}") from None
+        # libpq's message may quote the whole URL, password included.
+        message = str(exc).replace(conninfo, redact(conninfo))
+        raise ConfigError(f"invalid PostgreSQL URL: {message}") from None
     defaults: list[tuple[str, str]] = []
     for name, env, value in (
         ("connect_timeout", "PGCONNECT_TIMEOUT", str(DEFAULT_CONNECT_TIMEOUT)),

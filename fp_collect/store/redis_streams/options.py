@@ -7,6 +7,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from fp_collect.errors import ConfigError
 
+# The one redaction every URL shown goes through; re-exported for this store's messages.
+from fp_collect.store import redact as redact
+
 DEFAULT_PREFIX = "fp:"
 
 DEFAULT_CLAIM_GRACE = 86400.0
@@ -55,12 +58,3 @@ def parse_grace(value: str | None) -> float:
     if not (math.isfinite(seconds) and seconds >= 0):
         raise ConfigError(f"Redis storage option claim_grace must be seconds >= 0, not {value!r}")
     return seconds
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,94 @@
+"""Storage passwords and read tokens are never shown: not in the dev server's banner,
+not in an error message, not in a configuration's repr."""
+
+from __future__ import annotations
+
+import pytest
+
+from fp_collect import CollectorConfig, Source
+from fp_collect.cli import main as cli
+from fp_collect.errors import ConfigError
+from fp_collect.store import open_store, redact
+from fp_collect.store.memory import MemoryStore
+
+PASSWORD = "S3cretPW"
+TOKEN = "a-read-token-of-16+-characters"
+
+
+def test_the_dev_server_banner_hides_the_storage_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Nothing is served nor connected to: only the banner is looked at.
+    monkeypatch.setattr("fp_collect.collector.open_store", lambda url: MemoryStore())
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)
+    url = f"postgresql://app:{PASSWORD}@db.internal/events?password={PASSWORD}"
+    assert cli(["serve", "--storage", url, "--write-key", "site-key"], environ={}) == 0
+    out = capsys.readouterr().out
+    assert PASSWORD not in out
+    shown = "postgresql://app:***@db.internal/events?password=***"
+    assert f"storage:    {shown}" in out
+    assert out.count(shown) == 3  # the storage line and both "Try:" lines
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresq://app:{PASSWORD}@db.internal/x",
+        f"postgresql:app:{PASSWORD}@db.internal/x",
+        f"postgresql://app:{PASSWORD}@[db.internal/x",
+        f"sqlite:///x.db?password={PASSWORD}",
+    ],
+)
+def test_a_bad_storage_url_is_reported_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        open_store(url)
+    assert PASSWORD not in str(raised.value)
+    with pytest.raises(ConfigError) as raised:
+        CollectorConfig(storage=url.replace("://", ":"))
+    assert PASSWORD not in str(raised.value)
+
+
+def test_the_unknown_scheme_is_still_named() -> None:
+    with pytest.raises(
+        ConfigError, match=r"unknown storage scheme 'postgresq' in 'postgresq://app:\*\*\*@db/x'"
+    ):
+        open_store(f"postgresq://app:{PASSWORD}@db/x")
+
+
+def test_a_configuration_repr_hides_read_tokens_and_the_storage_password() -> None:
+    config = CollectorConfig(
+        sources=[Source(write_key="site-key")],
+        storage=f"sqlite:///x.db?password={PASSWORD}",
+        read_tokens=[TOKEN],
+    )
+    text = repr(config)
+    assert TOKEN not in text and PASSWORD not in text
+    # What is not secret is still there to debug with; write keys are public.
+    assert "site-key" in text and "read_tokens=<1 hidden>" in text
+    assert "storage='sqlite:///x.db?password=***'" in text
+
+
+def test_postgres_options_repr_hides_the_password() -> None:
+    pytest.importorskip("psycopg")
+    from fp_collect.store.postgres.options import parse_url
+
+    options = parse_url(f"postgresql://app:{PASSWORD}@db.internal/x?schema=s")
+    assert PASSWORD not in repr(options) and "app:***@db.internal" in repr(options)
+    assert PASSWORD in options.conninfo  # psycopg still gets it
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("postgresql://u:p@ss:w@h/db", "postgresql://u:***@h/db"),
+        (
+            "postgresql://u@h/db?sslmode=require&sslpassword=x",
+            "postgresql://u@h/db?sslmode=require&sslpassword=***",
+        ),
+        ("sqlite:////tmp/a:b@c.db", "sqlite:////tmp/a:b@c.db"),
+        ("memory://", "memory://"),
+    ],
+)
+def test_redact_hides_passwords_and_keeps_the_rest(url: str, shown: str) -> None:
+    assert redact(url) == shown
