@@ -524,7 +524,10 @@ def _open_for_reading(url: str) -> Store:
             f"the collector writes to, e.g. {DEFAULT_STORAGE}"
         )
     if sep and scheme == "sqlite":
-        # The same path rule as open_store: three slashes relative, four absolute.
+        # The same path rule as open_store: three slashes relative, four absolute, and
+        # the query (?synchronous=NORMAL) is an option, not part of the file name.
+        rest = rest.partition("?")[0]
+        shown = redact(url)
         path = rest[1:] if rest.startswith("/") else rest
         if path:
             where = os.path.abspath(path)
@@ -533,10 +536,10 @@ def _open_for_reading(url: str) -> Store:
                 if not os.path.isabs(path) and os.path.exists(os.sep + path):
                     hint = f"; for the absolute path use sqlite:////{path}"
                 raise CLIError(
-                    f"{where} does not exist (storage {url}): nothing stored there yet{hint}"
+                    f"{where} does not exist (storage {shown}): nothing stored there yet{hint}"
                 )
             if os.path.isdir(where):
-                raise CLIError(f"{where} is a directory, not an SQLite file (storage {url})")
+                raise CLIError(f"{where} is a directory, not an SQLite file (storage {shown})")
     return open_store(url, create=False)
 
 
