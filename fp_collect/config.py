@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as fields_of
 from typing import TYPE_CHECKING
 
-from fp_collect.errors import ConfigError, config_tuple
+from fp_collect.errors import MAX_WINDOW_SECONDS, ConfigError, check_seconds, config_tuple
 from fp_collect.restrictions import Restrictions
 from fp_collect.rules import Rule, RuleSet
 from fp_collect.store import redact
 
 KIB = 1024
-# The longest window an option in seconds may give (sessions, email-open throttle, the
-# future a timestamp may claim): a year is far beyond any real use, and a bound keeps
-# every "at + window" a time the stores (and Redis's expiry in milliseconds) can hold.
-MAX_WINDOW_SECONDS = 366 * 86400.0
 # A request waiting for its commit longer than an hour has long been given up by any
 # client or proxy in front of it; larger values would only disable the deadline.
 MAX_COMMIT_TIMEOUT = 3600.0
@@ -122,11 +117,6 @@ class Source:
             check_seconds(
                 self.session_timeout, "Source.session_timeout", MAX_WINDOW_SECONDS, none=True
             )
-        # Restrictions refuses what is not positive; a finite bound is checked here too,
-        # where every source's settings pass.
-        window = self.restrictions.email_open_window
-        if window is not None:
-            check_seconds(window, "Restrictions.email_open_window", MAX_WINDOW_SECONDS, none=True)
         # Exactly an int: True or 200.0 would compare equal and reach the HTTP layer.
         status = self.partial_success_status
         if type(status) is not int or status not in (200, 207):
@@ -442,24 +432,6 @@ def _strings(value: str | Iterable[str], what: str) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise ConfigError(f"{what}[{index}] must be a string, not {type(item).__name__}")
     return items
-
-
-def check_seconds(
-    value: object, what: str, maximum: float, *, zero: bool = False, none: bool = False
-) -> float:
-    """``value`` if it is a finite number of seconds, more than 0 (or 0 itself when
-    ``zero``), at most ``maximum``; a ConfigError naming ``what`` otherwise. True and
-    False are not numbers here, nor is a string such as "1800" (as a file may hold).
-    ``none``: the message says None is accepted too (the caller lets it through)."""
-    low = "0 or more" if zero else "more than 0"
-    also = " (or None)" if none else ""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{what} must be a number of seconds{also}, not {type(value).__name__}")
-    if not (math.isfinite(value) and (value >= 0 if zero else value > 0) and value <= maximum):
-        raise ConfigError(
-            f"{what} must be seconds, {low} and at most {maximum:.0f}{also}, got {value!r}"
-        )
-    return float(value)
 
 
 def _require_bool(value: object, what: str) -> None:

@@ -42,15 +42,8 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fp_collect.config import (
-    MAX_WINDOW_SECONDS,
-    CollectorConfig,
-    Limits,
-    Source,
-    Workspace,
-    check_seconds,
-)
-from fp_collect.errors import ConfigError
+from fp_collect.config import CollectorConfig, Limits, Source, Workspace
+from fp_collect.errors import MAX_WINDOW_SECONDS, ConfigError, check_seconds
 from fp_collect.restrictions import Restrictions
 from fp_collect.rules import CopyContextField, DropProperty, HashProperty, RenameEvent, Rule
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import TypeVar, cast
@@ -23,6 +24,30 @@ def config_tuple(value: Iterable[_T], what: str, *, one_string: bool = False) ->
         return tuple(value)
     except TypeError:
         raise ConfigError(f"{what} must be a list or tuple, not {type(value).__name__}") from None
+
+
+# The longest window an option in seconds may give (sessions, email-open throttle, the
+# future a timestamp may claim): a year is far beyond any real use, and a bound keeps
+# every "at + window" a time the stores (and Redis's expiry in milliseconds) can hold.
+MAX_WINDOW_SECONDS = 366 * 86400.0
+
+
+def check_seconds(
+    value: object, what: str, maximum: float, *, zero: bool = False, none: bool = False
+) -> float:
+    """``value`` if it is a finite number of seconds, more than 0 (or 0 itself when
+    ``zero``), at most ``maximum``; a ConfigError naming ``what`` otherwise. True and
+    False are not numbers here, nor is a string such as "1800" (as a file may hold).
+    ``none``: the message says None is accepted too (the caller lets it through)."""
+    low = "0 or more" if zero else "more than 0"
+    also = " (or None)" if none else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{what} must be a number of seconds{also}, not {type(value).__name__}")
+    if not (math.isfinite(value) and (value >= 0 if zero else value > 0) and value <= maximum):
+        raise ConfigError(
+            f"{what} must be seconds, {low} and at most {maximum:.0f}{also}, got {value!r}"
+        )
+    return float(value)
 
 
 class RequestRejected(Exception):

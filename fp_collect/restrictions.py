@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from fp_collect.errors import ConfigError, config_tuple
+from fp_collect.errors import MAX_WINDOW_SECONDS, ConfigError, check_seconds, config_tuple
 from fp_collect.store.base import Claim, Identity
 
 # The reasons stored with what each restriction discards (the claims' kinds).
@@ -84,9 +84,13 @@ class Restrictions:
             raise ConfigError(f"Restrictions.bots must be one of {', '.join(BOT_POLICIES)}")
         if not isinstance(self.confirmation_dedup, bool):
             raise ConfigError("Restrictions.confirmation_dedup must be True or False")
-        window = self.email_open_window
-        if window is not None and (isinstance(window, bool) or not window > 0):
-            raise ConfigError("Restrictions.email_open_window must be positive seconds or None")
+        if self.email_open_window is not None:
+            check_seconds(
+                self.email_open_window,
+                "Restrictions.email_open_window",
+                MAX_WINDOW_SECONDS,
+                none=True,
+            )
         for name in ("confirmation_events", "email_open_events"):
             value = getattr(self, name)
             value = config_tuple(value, f"Restrictions.{name}", one_string=True)

@@ -141,12 +141,9 @@ def test_numbers_in_range_and_false_for_off_are_taken(tmp_path: Path) -> None:
         (lambda: CollectorConfig(max_future_seconds=float("inf")), "max_future_seconds"),
         (lambda: Source(write_key="k", session_timeout=float("inf")), "session_timeout"),
         (lambda: Source(write_key="k", session_timeout=True), "session_timeout"),
-        (
-            lambda: Source(
-                write_key="k", restrictions=Restrictions(email_open_window=float("inf"))
-            ),
-            "email_open_window",
-        ),
+        (lambda: Restrictions(email_open_window=float("inf")), "email_open_window"),
+        (lambda: Restrictions(email_open_window="600"), "email_open_window"),  # type: ignore[arg-type]
+        (lambda: Restrictions(email_open_window=float("nan")), "email_open_window"),
         (lambda: Source(write_key="k", partial_success_status=200.0), "partial_success_status"),  # type: ignore[arg-type]
     ],
 )
