@@ -12,6 +12,7 @@ import os
 import time
 from typing import Protocol
 
+from fp_collect.decoding import dumps
 from fp_collect.store.base import (
     STORED,
     UNKNOWN_USER,
@@ -41,9 +42,10 @@ class IdentityGraph(Protocol):
 
     def merge(self, survivor: str, merged: str) -> None:
         """Move ``merged``'s identities and sessions to ``survivor``, mark it merged, and
-        fold its traits under the survivor's."""
+        fold its traits under the survivor's (:func:`traits_union`)."""
 
-    def update_traits(self, profile_id: str, traits: dict[str, object]) -> None: ...
+    def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
+        """Merge ``traits`` into the profile's, theirs winning (:func:`traits_union`)."""
 
     def latest_session(self, profile_id: str) -> tuple[str, float] | None:
         """The profile's most recently active session: (id, last seen)."""
@@ -57,6 +59,9 @@ class IdentityGraph(Protocol):
 
 # The longest address SMTP allows; a longer "email" is kept as a trait, not an identity.
 MAX_EMAIL_LENGTH = 254
+# A profile's traits are read and written whole by every identify of it: bounded, so that
+# nobody holding the (public) write key can make one huge and each identify of it slow.
+MAX_PROFILE_TRAITS = 64 * 1024
 
 
 def email_identity(value: object) -> Identity | None:
@@ -202,3 +207,12 @@ def _owners(graph: IdentityGraph, op: IdentityOp, survivors: dict[str, str | Non
         if profile is not None and profile not in found:
             found.append(profile)
     return found
+
+
+def traits_union(base: dict[str, object], winning: dict[str, object]) -> str | None:
+    """The encoding of ``base`` updated by ``winning`` (whose keys win), as a profile
+    stores its traits; None when that would take more than :data:`MAX_PROFILE_TRAITS`
+    characters: the profile then keeps the traits it has. Every backend merges traits
+    through this one function, so all agree on where the bound falls."""
+    text = dumps({**base, **winning})
+    return text if len(text) <= MAX_PROFILE_TRAITS else None

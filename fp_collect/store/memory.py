@@ -24,6 +24,7 @@ from fp_collect.store.base import (
     resolved,
 )
 from fp_collect.store.decide import decide
+from fp_collect.store.identity import traits_union
 
 
 @dataclass(slots=True)
@@ -85,11 +86,14 @@ class _Graph:
             if session.profile_id == merged:
                 session.profile_id = survivor
         gone, kept = self.profiles[merged], self.profiles[survivor]
-        kept.traits = {**gone.traits, **kept.traits}
+        if traits_union(gone.traits, kept.traits) is not None:  # else kept keeps its own
+            kept.traits = {**gone.traits, **kept.traits}
         gone.merged_into = survivor
 
     def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
-        self.profiles[profile_id].traits.update(traits)
+        profile = self.profiles[profile_id]
+        if traits_union(profile.traits, traits) is not None:  # else it keeps its traits
+            profile.traits.update(traits)
 
     def latest_session(self, profile_id: str) -> tuple[str, float] | None:
         mine = [(s.last_seen, i) for i, s in self.sessions.items() if s.profile_id == profile_id]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 from fp_collect.store import Batch, EventRecord, Outcome, Query, Store
 from fp_collect.store.base import Identity, IdentityOp, SessionOp
+from fp_collect.store.identity import MAX_PROFILE_TRAITS
 
 USER = Identity("user_id", "u-1")
 ANON = Identity("anonymous_id", "a-1")
@@ -218,3 +220,30 @@ def test_a_profile_id_of_another_workspace_is_as_if_none_were_given(store: Store
     assert created.profile_id == "PR-C"
     profile = store.profile("PR-A")
     assert profile is not None and profile.scope == "ws-a" and profile.identities == ()
+
+
+def test_a_profiles_traits_stop_growing_at_the_bound(store: Store) -> None:
+    """Traits are merged until the profile's would take more than MAX_PROFILE_TRAITS
+    characters: an identify that would pass the bound leaves them as they were (its
+    event is still stored), while a smaller one still updates them. The same bound holds
+    when two profiles merge: the survivor then keeps its own traits."""
+    big = {"bio": "x" * (MAX_PROFILE_TRAITS - 100)}
+    first = commit_one(store, record(op(USER, merge=True, traits=big, new_profile_id="PR-u")))
+    assert first.profile_id == "PR-u"
+    over = commit_one(store, record(op(USER, merge=True, traits={"more": "y" * 200})))
+    assert over.stored
+    small = commit_one(store, record(op(USER, merge=True, traits={"plan": "pro"})))
+    assert small.stored
+    profile = store.profile("PR-u")
+    assert profile is not None and profile.traits == {**big, "plan": "pro"}
+    assert len(json.dumps(profile.traits, separators=(",", ":"))) <= MAX_PROFILE_TRAITS
+
+    # Another person with traits of their own; joining the two would pass the bound.
+    commit_one(store, record(op(ANON, merge=True, traits={"name": "Ann" * 50},
+                                new_profile_id="PR-a", at=50.0)))  # fmt: skip
+    joined = commit_one(store, record(op(USER, ANON, merge=True)))
+    assert joined.profile_id == "PR-a"  # the older profile survives
+    survivor = store.profile("PR-u")
+    assert survivor is not None and survivor.id == "PR-a"
+    assert survivor.traits == {"name": "Ann" * 50}
+    assert len(list(store.events())) == 5

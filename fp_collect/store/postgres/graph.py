@@ -8,8 +8,8 @@ from typing import Any
 
 import ujson
 
-from fp_collect.decoding import dumps
 from fp_collect.store.base import Identity
+from fp_collect.store.identity import traits_union
 from fp_collect.store.postgres.sql import Cursor, Run
 
 
@@ -76,7 +76,7 @@ class PGGraph:
         self._execute("move_sessions", (survivor, merged))
         gone = ujson.loads(self._one("traits", (merged,)))
         kept = ujson.loads(self._one("traits", (survivor,)))
-        self._execute("set_traits", (dumps({**gone, **kept}), survivor))
+        self._set_traits(survivor, traits_union(gone, kept))
         self._execute("mark_merged", (survivor, merged))
         for key, owner in self.owners.items():  # as move_identities did
             if owner == merged:
@@ -84,7 +84,11 @@ class PGGraph:
 
     def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
         current = ujson.loads(self._one("traits", (profile_id,)))
-        self._execute("set_traits", (dumps({**current, **traits}), profile_id))
+        self._set_traits(profile_id, traits_union(current, traits))
+
+    def _set_traits(self, profile_id: str, encoded: str | None) -> None:
+        if encoded is not None:  # None: over the bound, the profile keeps its traits
+            self._execute("set_traits", (encoded, profile_id))
 
     def latest_session(self, profile_id: str) -> tuple[str, float] | None:
         row = self._execute("latest_session", (profile_id,)).fetchone()

@@ -15,6 +15,7 @@ import ujson
 from fp_collect.decoding import dumps
 from fp_collect.errors import StoreUnavailable
 from fp_collect.store.base import Batch, Commit, EventRecord, Identity, Outcome, RejectionRecord
+from fp_collect.store.identity import traits_union
 from fp_collect.store.redis_streams.keys import (
     Cell,
     Check,
@@ -297,19 +298,19 @@ class Graph:
             self.tx.hset(key, "profile_id", survivor)
             self.tx.add(self.keys.profile_sessions(survivor), session_id, last_seen)
         self.tx.delete(sessions)
-        kept = self._traits(survivor)
-        self._write_traits(survivor, {**self._traits(merged), **kept})
+        self._write_traits(survivor, traits_union(self._traits(merged), self._traits(survivor)))
         self.tx.hset(self.keys.profile(merged), "merged_into", survivor)
 
     def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
-        self._write_traits(profile_id, {**self._traits(profile_id), **traits})
+        self._write_traits(profile_id, traits_union(self._traits(profile_id), traits))
 
     def _traits(self, profile_id: str) -> dict[str, object]:
         text = self.tx.hget(self.keys.profile(profile_id), "traits")
         return cast(dict[str, object], ujson.loads(text or "{}"))
 
-    def _write_traits(self, profile_id: str, traits: dict[str, object]) -> None:
-        self.tx.hset(self.keys.profile(profile_id), "traits", dumps(traits))
+    def _write_traits(self, profile_id: str, encoded: str | None) -> None:
+        if encoded is not None:  # None: over the bound, the profile keeps its traits
+            self.tx.hset(self.keys.profile(profile_id), "traits", encoded)
 
     def latest_session(self, profile_id: str) -> tuple[str, float] | None:
         key = self.keys.profile_sessions(profile_id)

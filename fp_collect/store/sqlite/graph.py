@@ -10,8 +10,8 @@ from typing import Any
 
 import ujson
 
-from fp_collect.decoding import dumps
 from fp_collect.store.base import Batch, Identity
+from fp_collect.store.identity import traits_union
 from fp_collect.store.sqlite.sql import (
     INSERT_EVENT,
     INSERT_IDENTITY,
@@ -219,7 +219,7 @@ class SQLGraph:
         self._execute("UPDATE sessions SET profile_id = ? WHERE profile_id = ?", (survivor, merged))
         gone = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (merged,)))
         kept = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (survivor,)))
-        self._write_traits(survivor, {**gone, **kept})
+        self._write_traits(survivor, traits_union(gone, kept))
         self._execute("UPDATE profiles SET merged_into = ? WHERE id = ?", (survivor, merged))
         # As the UPDATEs above did: the merged profile's identities now name the survivor,
         # and whatever led to the merged profile now leads on to the survivor.
@@ -230,10 +230,11 @@ class SQLGraph:
 
     def update_traits(self, profile_id: str, traits: dict[str, object]) -> None:
         current = ujson.loads(self._one("SELECT traits FROM profiles WHERE id = ?", (profile_id,)))
-        self._write_traits(profile_id, {**current, **traits})
+        self._write_traits(profile_id, traits_union(current, traits))
 
-    def _write_traits(self, profile_id: str, traits: dict[str, object]) -> None:
-        self._execute("UPDATE profiles SET traits = ? WHERE id = ?", (dumps(traits), profile_id))
+    def _write_traits(self, profile_id: str, encoded: str | None) -> None:
+        if encoded is not None:  # None: over the bound, the profile keeps its traits
+            self._execute("UPDATE profiles SET traits = ? WHERE id = ?", (encoded, profile_id))
 
     def latest_session(self, profile_id: str) -> tuple[str, float] | None:
         row = self._execute(
