@@ -41,7 +41,7 @@ HEADERS = {
 
 
 def track_message(index: int) -> dict[str, object]:
-    """A track call shaped like segment-analytics-python's (about 600 bytes)."""
+    """A track call shaped like segment-analytics-python's (about 650 bytes)."""
     return {
         "type": "track",
         "userId": f"user-{index}",
@@ -57,7 +57,12 @@ def track_message(index: int) -> dict[str, object]:
         },
         "context": {
             "library": {"name": "analytics-python", "version": "2.4.0"},
-            "page": {"path": "/checkout", "url": "https://shop.example/checkout"},
+            # A title with " - ", as most pages have: the decoder must not scan it slowly.
+            "page": {
+                "path": "/checkout",
+                "title": "Checkout - Example Shop",
+                "url": "https://shop.example/checkout",
+            },
             "locale": "en-US",
             "timezone": "Europe/Berlin",
             "userAgent": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",

@@ -12,6 +12,7 @@ import json
 import math
 from datetime import date, timedelta
 from itertools import accumulate
+from unittest import mock
 
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
@@ -21,12 +22,14 @@ from fp_collect.auth import KeyRing, basic_username
 from fp_collect.decoding import (
     _BRACKET_SIGNS,
     _NOT_STRUCTURE,
+    _refuse_lone_minus,
     _shallow,
     dumps_lenient,
     encode_event,
     oversize_candidates,
+    parse_json,
 )
-from fp_collect.errors import ConfigError
+from fp_collect.errors import ConfigError, RequestRejected
 from fp_collect.timestamps import MAX_EPOCH, MIN_EPOCH, format_iso
 
 # -- format_iso -------------------------------------------------------------------------
@@ -267,3 +270,57 @@ def test_shallow_answers_as_before(value: object, max_depth: int, padding: int) 
     for text in (json.dumps(value), json.dumps(value, ensure_ascii=False, indent=1)):
         raw = (text + " " * padding).encode()
         assert _shallow(raw, max_depth) == reference_shallow(raw, max_depth), raw[:200]
+
+
+# -- the lone minus sign ----------------------------------------------------------------
+
+
+def lone_minus_everywhere(raw: bytes) -> bool:
+    """The reference: scan every body token by token (what the byte shapes spare)."""
+    try:
+        _refuse_lone_minus(raw)
+    except RequestRejected:
+        return True
+    return False
+
+
+MINUS_TEXT = st.sampled_from(["-", " - ", "a - b", "[-]", ":-,", '\\" -', "-}", "x-"])
+minus_values = st.recursive(
+    st.one_of(st.none(), st.integers(-5, 5), st.floats(-1, 1), st.text(max_size=6), MINUS_TEXT),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(MINUS_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(value=minus_values, lone=st.booleans(), spaced=st.booleans())
+@example(value={"title": "Checkout - Shop"}, lone=False, spaced=False)
+def test_the_lone_minus_shortcut_answers_as_a_full_scan(
+    value: object, lone: bool, spaced: bool
+) -> None:
+    """A body is refused for a minus sign with no digits exactly when a scan of all its
+    tokens finds one, strings holding any dash, bracket or comma included."""
+    text = json.dumps([value, "MINUS"] if lone else value, indent=1 if spaced else None)
+    if lone:
+        text = text.replace('"MINUS"', "-")
+    raw = text.encode()
+    try:
+        parse_json(raw, 64)
+        refused = False
+    except RequestRejected:
+        refused = True
+    assert refused == lone_minus_everywhere(raw) == lone
+
+
+def test_a_dash_in_a_page_title_costs_no_scan() -> None:
+    """analytics.js sends the page title with every event, and titles hold " - "
+    ("Checkout - Shop"): such a body is never scanned token by token."""
+    body = json.dumps(
+        {"batch": [{"context": {"page": {"title": "Checkout - Shop"}}, "n": -1}] * 50}
+    ).encode()
+    with mock.patch("fp_collect.decoding._refuse_lone_minus") as scan:
+        parse_json(body, 64)
+    assert scan.call_count == 0
+    for broken in (b'{"n": -}', b"-", b" -\n", b"[1,\n -\n]"):
+        with mock.patch("fp_collect.decoding._refuse_lone_minus") as scan:
+            parse_json(broken, 64)
+        assert scan.call_count == 1, broken
