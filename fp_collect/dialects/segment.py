@@ -263,11 +263,11 @@ class SegmentAPI:
                     raise ItemRejected(
                         "invalid_json", f"the event cannot be stored as JSON: {unstorable[index]}"
                     )
-                if isinstance(item, dict):
-                    defaults.apply(item)
+                # Measured merged, as it would be stored; recorded as sent if refused here.
                 if (
                     index in to_measure
-                    and len(encode_event(item).encode()) > self.limits.max_event_bytes
+                    and len(encode_event(defaults.merged(item)).encode())
+                    > self.limits.max_event_bytes
                 ):
                     merged = " with the batch's defaults merged in" if defaults.size else ""
                     raise ItemRejected(
@@ -280,6 +280,7 @@ class SegmentAPI:
                     raise ItemRejected("invalid_write_key", "Invalid or missing writekey")
                 if not source.allows_origin(incoming.origin):
                     raise ItemRejected("origin_not_allowed", "Origin not allowed for this source")
+                defaults.apply(item)
                 event = self._event(item, None, source, incoming, defaults.sent_at)
                 event.index = index
                 batch.events.append(event)
@@ -436,6 +437,15 @@ class BatchDefaults:
         if not isinstance(sent_at, str) or parse_iso(sent_at) is None:
             sent_at = None
         return cls(context or None, integrations or None, sent_at, timestamp)
+
+    def merged(self, item: object) -> object:
+        """``item`` as :meth:`apply` would make it, leaving ``item`` as it is (a copy
+        when there is anything to merge into an object)."""
+        if not (self.size and isinstance(item, dict)):
+            return item
+        copy = dict(item)
+        self.apply(copy)  # replaces the copy's context and integrations, never mutates them
+        return copy
 
     def apply(self, item: Message) -> None:
         for name, shared in self._shared:
