@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from fp_collect.errors import ConfigError
 from fp_collect.store.base import (
@@ -101,17 +101,49 @@ def redact(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return _PASSWORD_OPTION.sub(r"\1***", url)
+    found = _user_password(rest)
+    if found is None:
+        return scheme + sep + _PASSWORD_OPTION.sub(r"\1***", rest)
+    user, _, after = found
+    return f"{scheme}{sep}{user}:***@" + _PASSWORD_OPTION.sub(r"\1***", after)
+
+
+def hide_secrets(text: str, url: str) -> str:
+    """``text`` (a driver's message about ``url``) with every password ``url`` holds, as
+    written or %-decoded, replaced by ``***``: libpq quotes the part of a URL it cannot
+    read, and that part may be the password."""
+    secrets = [match.group(1) for match in _PASSWORD_VALUE.finditer(url)]
+    found = _user_password(url.partition("://")[2])
+    if found is not None:
+        secrets.append(found[1])
+    text = text.replace(url, redact(url))
+    for secret in sorted({*secrets, *map(unquote, secrets)} - {""}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _user_password(rest: str) -> tuple[str, str, str] | None:
+    """(user, password, what follows the "@") when ``rest``, a URL after its "://",
+    has a password in its user info; else None."""
     # The host part ends at the first "/", "?" or "#"; a password may hold "@" and ":"
     # (the user info ends at the last "@", as urlsplit reads it).
     end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    userinfo, at, host = rest[:end].rpartition("@")
-    netloc = rest[:end]
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
-    return scheme + sep + netloc + _PASSWORD_OPTION.sub(r"\1***", rest[end:])
+    userinfo, at, _ = rest[:end].rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        return (user, password, rest[len(userinfo) + 1 :]) if colon else None
+    # A password holding a raw "/", "?" or "#" (it should be %-escaped) ends the host
+    # part early, "user:pa/ss@host": that part then reads "user:" and what no port is,
+    # and the user info runs to the next "@". (Not "[::1]:5432", an IPv6 host.)
+    user, colon, after = rest[:end].partition(":")
+    later = rest.find("@", end)
+    if colon and not after.isdigit() and not user.startswith("[") and later >= 0:
+        return user, rest[len(user) + 1 : later], rest[later + 1 :]
+    return None
 
 
 _PASSWORD_OPTION = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
+_PASSWORD_VALUE = re.compile(r"[?&](?:ssl)?password=([^&#]*)", re.IGNORECASE)
 
 
 def _require_extra(module: str, extra: str, url: str) -> None:

@@ -88,7 +88,28 @@ def test_postgres_options_repr_hides_the_password() -> None:
         ),
         ("sqlite:////tmp/a:b@c.db", "sqlite:////tmp/a:b@c.db"),
         ("memory://", "memory://"),
+        # A password with a raw "/", "?" or "#" (it should be %-escaped) ends the host
+        # part early; it is hidden all the same. An IPv6 host is not a user.
+        ("postgresql://u:pa/ss@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:pa?ss@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:pa#ss@h/db?password=x", "postgresql://u:***@h/db?password=***"),
+        ("postgresql://[::1]:5432/db?x=a@b", "postgresql://[::1]:5432/db?x=a@b"),
+        ("postgresql://h:5432/db", "postgresql://h:5432/db"),
     ],
 )
 def test_redact_hides_passwords_and_keeps_the_rest(url: str, shown: str) -> None:
     assert redact(url) == shown
+
+
+@pytest.mark.parametrize(
+    "password", ["s3c%zzret", "s3c ret", "p%2Fw%zz"], ids=["bad-escape", "space", "escaped"]
+)
+def test_libpq_quoting_a_bad_password_does_not_show_it(password: str) -> None:
+    """libpq quotes the part of a URL it cannot read, which may be the password."""
+    pytest.importorskip("psycopg")
+    from fp_collect.store.postgres.options import parse_url
+
+    with pytest.raises(ConfigError) as raised:
+        parse_url(f"postgresql://app:{password}@db.internal/x")
+    message = str(raised.value)
+    assert password not in message and "***" in message

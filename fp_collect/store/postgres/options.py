@@ -10,7 +10,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
 from fp_collect.errors import ConfigError
-from fp_collect.store import redact
+from fp_collect.store import hide_secrets, redact
 
 DEFAULT_SCHEMA = "fp_collect"
 DEFAULT_POOL_SIZE = 4
@@ -55,8 +55,9 @@ def parse_url(url: str) -> PostgresOptions:
     try:
         params = conninfo_to_dict(conninfo)
     except psycopg.Error as exc:
-        # libpq's message may quote the whole URL, password included.
-        message = str(exc).replace(conninfo, redact(conninfo))
+        # libpq's message may quote the whole URL, or the part it cannot read, which
+        # may be the password (a raw "%" or space in it, say).
+        message = hide_secrets(str(exc), conninfo)
         raise ConfigError(f"invalid PostgreSQL URL: {message}") from None
     defaults: list[tuple[str, str]] = []
     for name, env, value in (
