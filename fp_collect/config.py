@@ -95,6 +95,10 @@ class Source:
         _require_bool(self.enabled, "Source.enabled")
         # The id is stored with every event and the name shown: a number here would be
         # stored as something else than what the file says, or fail deep in a store.
+        # None is "not given", as "" is (id=os.environ.get("SOURCE_ID"), say).
+        for name in ("id", "name"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, "")
         if not isinstance(self.id, str):
             raise ConfigError(f"Source.id must be a string, not {type(self.id).__name__}")
         if not isinstance(self.name, str):
@@ -117,10 +121,12 @@ class Source:
             check_seconds(
                 self.session_timeout, "Source.session_timeout", MAX_WINDOW_SECONDS, none=True
             )
-        # Exactly an int: True or 200.0 would compare equal and reach the HTTP layer.
+        # A whole number (HTTPStatus.OK is one), kept as a plain int: True or 200.0 would
+        # compare equal and reach the HTTP layer.
         status = self.partial_success_status
-        if type(status) is not int or status not in (200, 207):
+        if not isinstance(status, int) or isinstance(status, bool) or status not in (200, 207):
             raise ConfigError("Source.partial_success_status must be 207 or 200")
+        object.__setattr__(self, "partial_success_status", int(status))
         for origin in self.allowed_origins:
             if origin != "*" and ("://" not in origin or origin.endswith("/")):
                 raise ConfigError(
@@ -155,6 +161,8 @@ class Workspace:
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
             raise ConfigError("Workspace.id must be a non-empty string")
+        if self.name is None:
+            object.__setattr__(self, "name", "")
         if not isinstance(self.name, str):
             raise ConfigError(f"Workspace.name must be a string, not {type(self.name).__name__}")
         sources = config_tuple(self.sources, f"workspace {self.id!r}: sources")
@@ -199,9 +207,9 @@ _LIMIT_MAXIMA = {
     "max_batch_bytes": 1024 * 1024 * KIB,
     "max_event_bytes": 1024 * 1024 * KIB,
     "max_batch_events": 100_000,
-    # Nested values are walked and copied recursively: well below Python's recursion
-    # limit (1000), where a deep event would fail with a RecursionError.
-    "max_depth": 512,
+    # Rules copy nested values recursively, two frames a level: 256 levels leave room
+    # below Python's recursion limit (1000) for the server's and the app's own frames.
+    "max_depth": 256,
     # Ids are index keys: 512 characters of up to 4 UTF-8 bytes stay under PostgreSQL's
     # B-tree entry limit (about 2700 bytes).
     "max_message_id_length": 512,
@@ -290,7 +298,7 @@ class CollectorConfig:
             # What was given is not shown: it may hold a password in a form that cannot
             # be told apart without the "://".
             storage = self.storage
-            got = "no '://'" if isinstance(storage, str) else f"a {type(storage).__name__}"
+            got = "no '://'" if isinstance(storage, str) else type(storage).__name__
             raise ConfigError(
                 f"storage must be a URL such as 'sqlite:///events.db' or 'memory://', got {got}"
             )
@@ -386,19 +394,19 @@ def normalise_prefix(prefix: str) -> str:
     if not prefix.startswith("/"):
         prefix = "/" + prefix
     # Routes are matched against the request's path as the server decoded it, so a
-    # prefix must be written decoded too, and only with characters every client sends
-    # as they are (RFC 3986 pchar): "%20", a space, "?", "#" or a non-ASCII letter (which
-    # WSGI and ASGI decode differently) would never match, nor would "." or ".." steps,
-    # which clients remove.
+    # prefix is written decoded too: "%2F" or "%20" in it would never match (a client's
+    # "%20" arrives as a space, which a prefix may hold), nor would "?" or "#" (never in
+    # a path), a control character, a non-ASCII letter (WSGI and ASGI decode those
+    # differently) or a "." or ".." step (clients remove them).
     steps = prefix.split("/")[1:]
     if (
-        not set(prefix) <= _PATH_CHARACTERS
+        any(c in "%?#" or not (c.isascii() and c.isprintable()) for c in prefix)
         or "//" in prefix
         or any(step in (".", "..") for step in steps)
     ):
         raise ConfigError(
-            f"prefix {prefix!r} must be a plain path such as '/collect' (letters, digits "
-            "and -._~!$&'()*+,;=:@ between slashes, no %-escapes)"
+            f"prefix {prefix!r} must be a plain path such as '/collect' (printable ASCII"
+            " between slashes, written as the server decodes it: no %-escapes, ? or #)"
         )
     return prefix.rstrip("/")
 
@@ -413,9 +421,6 @@ class _Hidden:
         return f"<{self.count} hidden>"
 
 
-_PATH_CHARACTERS = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:@/"
-)
 _IP_TYPES = (
     ipaddress.IPv4Address,
     ipaddress.IPv6Address,

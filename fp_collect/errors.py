@@ -43,7 +43,9 @@ def check_seconds(
     also = " (or None)" if none else ""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{what} must be a number of seconds{also}, not {type(value).__name__}")
-    if not (math.isfinite(value) and (value >= 0 if zero else value > 0) and value <= maximum):
+    # An int is finite however long (math.isfinite would overflow on 10**400).
+    finite = isinstance(value, int) or math.isfinite(value)
+    if not (finite and (value >= 0 if zero else value > 0) and value <= maximum):
         raise ConfigError(
             f"{what} must be seconds, {low} and at most {maximum:.0f}{also}, got {value!r}"
         )

@@ -10,14 +10,23 @@ import json
 import re
 import textwrap
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+from flask import Flask
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+from werkzeug.test import Client
 
 from fp_collect import Collector, CollectorConfig, Request, Source, Workspace
+from fp_collect.adapters.asgi import CollectorMiddleware
+from fp_collect.adapters.wsgi import CollectorMiddleware as WSGIMiddleware
 from fp_collect.config import Limits
 from fp_collect.errors import ConfigError
 from fp_collect.restrictions import Restrictions
+from fp_collect.rules import DropProperty
 
 SOURCE = "[[sources]]\nwrite_key = 'site-key'\n"
 
@@ -80,7 +89,10 @@ def test_a_source_switched_off_in_a_file_is_off(tmp_path: Path) -> None:
 # -- numbers -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "true", "'10'", "1e9"])
+HUGE = "1" + "0" * 400  # an integer TOML reads, beyond any float
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "true", "'10'", "1e9", HUGE])
 def test_commit_timeout_is_a_finite_positive_number_of_seconds(tmp_path: Path, value: str) -> None:
     """NaN made every write fail (a ValueError escaping a WSGI server as a 500) and
     infinity removed the deadline a request waits for its commit."""
@@ -88,20 +100,20 @@ def test_commit_timeout_is_a_finite_positive_number_of_seconds(tmp_path: Path, v
         load(tmp_path, f"commit_timeout = {value}")
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-1", "true", "'300'", "1e12"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "true", "'300'", "1e12", HUGE])
 def test_max_future_seconds_is_a_finite_number_of_seconds(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match="max_future_seconds must be"):
         load(tmp_path, f"max_future_seconds = {value}")
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "0", "-5", "true", "'1800'", "1e12"])
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-5", "true", "'1800'", "1e12", HUGE])
 def test_session_timeout_is_a_finite_positive_number_of_seconds(tmp_path: Path, value: str) -> None:
     # true would have been one second: sessions cut after every pause.
     with pytest.raises(ConfigError, match=r"sources\[0\]: Source.session_timeout must be"):
         load(tmp_path, SOURCE + f"session_timeout = {value}")
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "0", "true", "'600'", "1e12"])
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "true", "'600'", "1e12", HUGE])
 def test_email_open_window_is_a_finite_positive_number_of_seconds(
     tmp_path: Path, value: str
 ) -> None:
@@ -195,7 +207,8 @@ def test_a_huge_body_limit_cannot_turn_a_gzipped_request_into_a_server_error() -
 
 
 @pytest.mark.parametrize(
-    "prefix", ["/my%20app", "/my app", "/café", "/a/../collect", "/./collect", "/a\tb", "/a//b"]
+    "prefix",
+    ["/my%20app", "/a?b", "/a#b", "/café", "/a/../collect", "/./collect", "/a\tb", "/a//b"],
 )
 def test_a_prefix_no_request_path_can_match_is_refused(prefix: str) -> None:
     """Routes are matched against the decoded path: these would never be reached."""
@@ -209,6 +222,20 @@ def test_a_prefix_of_path_characters_is_taken_and_routes() -> None:
     )
     assert config.prefix == "/collect/v2~a_b-c.d"
     assert Collector(config).route("/collect/v2~a_b-c.d/events/track") is not None
+
+
+@pytest.mark.parametrize("prefix", ["/my collect", "/{t}", "/a|b"])
+def test_a_prefix_a_client_must_escape_routes_under_both_adapters(prefix: str) -> None:
+    """Written as the server decodes it: a client sends "/my%20collect/...", and both
+    WSGI and ASGI servers hand the app "/my collect/..."."""
+    body = {"writeKey": "k", "type": "track", "userId": "u", "event": "Signed Up"}
+    escaped = quote(prefix) + "/v1/track"
+    collector = Collector(sources=[Source(write_key="k")], storage="memory://", prefix=prefix)
+    asgi = TestClient(CollectorMiddleware(Starlette(), collector=collector))
+    assert asgi.post(escaped, json=body).status_code == 200
+    wsgi = Client(WSGIMiddleware(Flask(__name__).wsgi_app, collector=collector))
+    assert wsgi.post(escaped, json=body).status_code == 200
+    assert len(list(collector.store.events())) == 2
 
 
 @pytest.mark.parametrize(
@@ -246,7 +273,44 @@ def test_trusted_proxies_are_text_or_ipaddress_objects_never_numbers() -> None:
 def test_a_source_id_and_names_are_strings() -> None:
     with pytest.raises(ConfigError, match=r"Source\.id must be a string, not int"):
         Source(write_key="k", id=5)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"Source\.name must be a string, not NoneType"):
-        Source(write_key="k", name=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"Source\.name must be a string, not int"):
+        Source(write_key="k", name=7)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"Workspace\.name must be a string, not int"):
         Workspace("w", name=5)  # type: ignore[arg-type]
+
+
+def test_none_for_an_id_or_a_name_means_not_given() -> None:
+    """As "" does: id=os.environ.get("SOURCE_ID") keeps working without the variable."""
+    derived = Source(write_key="k").id
+    assert derived.startswith("src_")
+    assert Source(write_key="k", id=None, name=None).id == derived  # type: ignore[arg-type]
+    assert Source(write_key="k", name=None).name == ""  # type: ignore[arg-type]
+    assert Workspace("w", name=None).name == ""  # type: ignore[arg-type]
+
+
+def test_partial_success_status_may_be_an_http_status() -> None:
+    source = Source(write_key="k", partial_success_status=HTTPStatus.OK)
+    assert source.partial_success_status == 200
+    assert type(source.partial_success_status) is int
+    with pytest.raises(ConfigError, match="partial_success_status"):
+        Source(write_key="k", partial_success_status=True)
+
+
+def test_the_deepest_nesting_allowed_passes_a_rule_under_asgi() -> None:
+    """max_depth may be raised to 256, and an event that deep still goes through the
+    rules (which copy it recursively) and the ASGI stack: at 512 it was a RecursionError,
+    recorded as internal_error."""
+    with pytest.raises(ConfigError, match="max_depth"):
+        Limits(max_depth=257)
+    source = Source(write_key="k", rules=[DropProperty("gone")])
+    collector = Collector(sources=[source], storage="memory://", limits=Limits(max_depth=256))
+    deep: object = "bottom"
+    for _ in range(254):  # the event and its properties are two levels more
+        deep = {"d": deep}
+    body = {"writeKey": "k", "type": "track", "userId": "u", "event": "Deep",
+            "properties": {"deep": deep, "gone": 1}}  # fmt: skip
+    client = TestClient(CollectorMiddleware(Starlette(), collector=collector))
+    response = client.post("/v1/track", content=json.dumps(body))
+    assert response.status_code == 200, response.text
+    [stored] = collector.store.events()
+    assert "gone" not in json.loads(stored.payload)["properties"]
