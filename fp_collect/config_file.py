@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fp_collect.config import CollectorConfig, Limits, Source, Workspace
-from fp_collect.errors import MAX_WINDOW_SECONDS, ConfigError, check_seconds
+from fp_collect.errors import ConfigError
 from fp_collect.restrictions import Restrictions
 from fp_collect.rules import CopyContextField, DropProperty, HashProperty, RenameEvent, Rule
 
@@ -166,10 +166,6 @@ def _restrictions(table: object, where: str) -> Restrictions:
     _known(data, _RESTRICTION_KEYS, where)
     if data.get("email_open_window") is False:
         data["email_open_window"] = None
-    elif "email_open_window" in data:
-        # Before Restrictions sees it: it would compare a string such as "600" with 0
-        # (a TypeError) and take infinity.
-        check_seconds(data["email_open_window"], f"{where}.email_open_window", MAX_WINDOW_SECONDS)
     for key in ("confirmation_events", "email_open_events"):
         if key in data:
             data[key] = tuple(_list(data[key], f"{where}.{key}"))

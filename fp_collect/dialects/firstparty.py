@@ -34,7 +34,7 @@ from fp_collect.store.identity import email_identity, new_id
 from fp_collect.timestamps import parse_iso
 
 # Longest profile or session id a client may choose (ours are 32 characters).
-MAX_ID_LENGTH = 64
+MAX_OWN_ID_LENGTH = 64
 _UNAVAILABLE = responses.json_response(
     HTTPStatus.SERVICE_UNAVAILABLE,
     responses.single_error(
@@ -252,7 +252,7 @@ def normalise_event(message: Message, max_id_length: int) -> str:
 
     ``event`` (the seeds also say ``name``) is required; ``properties`` and ``context``
     must be objects; ``profile_id`` and ``session_id`` strings of 1 to
-    :data:`MAX_ID_LENGTH` characters, ``message_id`` and the identities (``user_id``,
+    :data:`MAX_OWN_ID_LENGTH` characters, ``message_id`` and the identities (``user_id``,
     ``anonymous_id``, ``email``) of 1 to ``max_id_length`` (the Segment-spec ids' limit:
     an email address may be 254). ``name`` is folded into ``event``; a ``message_id`` is
     generated when missing.
@@ -268,8 +268,8 @@ def normalise_event(message: Message, max_id_length: int) -> str:
         if value is not None and not isinstance(value, dict):
             raise ItemRejected("invalid_field", f"{field} must be an object")
     for field, longest in (
-        ("profile_id", MAX_ID_LENGTH),
-        ("session_id", MAX_ID_LENGTH),
+        ("profile_id", MAX_OWN_ID_LENGTH),
+        ("session_id", MAX_OWN_ID_LENGTH),
         ("message_id", max_id_length),
         ("user_id", max_id_length),
         ("anonymous_id", max_id_length),

@@ -51,7 +51,6 @@ EVENT_TYPES: dict[str, str | None] = {
     CONFIRMATION: "Order Completed",
     EMAIL_OPEN: "Email Opened",
 }
-MAX_ID_LENGTH = 255
 # Profile ids as the store draws them; an _id of any other shape may be a user or
 # anonymous id too.
 _PROFILE_ID = re.compile(r"PR[0-9A-F]{30}")
@@ -121,7 +120,7 @@ class UserEventAPI:
                 key = body.get("writeKey", body.get("write_key"))
             source = self.pipeline.authenticate(key)
             self.pipeline.check_origin(source, incoming)
-            user, identifier = _user(body.get("user"))
+            user, identifier = _user(body.get("user"), self.limits.max_message_id_length)
             event = self._event(body, user, source, incoming)
         except RequestRejected as rejected:
             return self._refused(rejected, incoming, payload, source)
@@ -155,12 +154,13 @@ class UserEventAPI:
         self, body: Message, user: dict[str, str], source: Source, incoming: Incoming
     ) -> EventRecord:
         kind, attributes = _event(body.get("event"))
+        longest = self.limits.max_message_id_length
         message_id = body.get("messageId", body.get("message_id"))
         if message_id is None:
             message_id = str(uuid.uuid4())
-        elif not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_ID_LENGTH:
+        elif not isinstance(message_id, str) or not 0 < len(message_id) <= longest:
             raise ItemRejected(
-                "invalid_event", f"messageId must be a string of 1 to {MAX_ID_LENGTH} characters"
+                "invalid_event", f"messageId must be a string of 1 to {longest} characters"
             )
         timestamp = body.get("timestamp")
         event_time = parse_iso(timestamp) if isinstance(timestamp, str) else None
@@ -245,8 +245,9 @@ class UserEventAPI:
         return Prepared(batch, lambda _outcomes: answer, _UNAVAILABLE)
 
 
-def _user(value: object) -> tuple[dict[str, str], str]:
-    """The validated ``user`` object and the identifier it names the user by."""
+def _user(value: object, longest: int) -> tuple[dict[str, str], str]:
+    """The validated ``user`` object and the identifier it names the user by (each id of
+    1 to ``longest`` characters, the Segment-spec ids' limit)."""
     if value is None or value == {}:
         raise ItemRejected("missing_user", "user is required")
     if not isinstance(value, dict):
@@ -256,9 +257,9 @@ def _user(value: object) -> tuple[dict[str, str], str]:
         item = value.get(field)
         if item is None:
             continue
-        if not isinstance(item, str) or not 0 < len(item) <= MAX_ID_LENGTH:
+        if not isinstance(item, str) or not 0 < len(item) <= longest:
             raise ItemRejected(
-                "invalid_user", f"user.{field} must be a string of 1 to {MAX_ID_LENGTH} characters"
+                "invalid_user", f"user.{field} must be a string of 1 to {longest} characters"
             )
         if field == "email" and email_identity(item) is None:
             raise ItemRejected("invalid_user", "user.email must be an email address")

@@ -632,10 +632,16 @@ def test_a_new_file_is_private_to_its_owner(tmp_path: Path) -> None:
     umask, -wal and -shm alike. A file that exists keeps the permissions it has."""
     old_umask = os.umask(0o022)
     try:
-        with SQLiteStore(tmp_path / "new.db") as store:
-            store.commit(Batch(events=[event("m-1")]))
-            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
-        assert modes == {"new.db": 0o600, "new.db-wal": 0o600, "new.db-shm": 0o600}
+        for umask in (0o022, 0o000):
+            os.umask(umask)
+            with SQLiteStore(tmp_path / f"new{umask}.db") as store:
+                store.commit(Batch(events=[event("m-1")]))
+                stem = f"new{umask}"
+                modes = {
+                    p.name[len(stem) :]: stat.S_IMODE(p.stat().st_mode)
+                    for p in tmp_path.glob(f"{stem}.db*")
+                }
+            assert modes == {".db": 0o600, ".db-wal": 0o600, ".db-shm": 0o600}, umask
         shared = tmp_path / "shared.db"
         shared.touch(mode=0o640)
         with SQLiteStore(shared):
