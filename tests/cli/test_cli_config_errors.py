@@ -18,7 +18,7 @@ SOURCE = "[[sources]]\nwrite_key = 'site-key'\n"
         (SOURCE + "session_timeout = '1800'", "sources[0]: Source.session_timeout must be"),
         (
             SOURCE + "restrictions = { email_open_window = '600' }",
-            "sources[0].restrictions.email_open_window must be",
+            "sources[0].restrictions: Restrictions.email_open_window must be",
         ),
         (SOURCE + "[limits]\nmax_bytes = 5", "limits: unknown key(s) max_bytes"),
         (SOURCE + "[limits]\nmax_depth = '64'", "limits: Limits.max_depth must be"),
