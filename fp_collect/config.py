@@ -10,7 +10,13 @@ from dataclasses import dataclass, field, replace
 from dataclasses import fields as fields_of
 from typing import TYPE_CHECKING
 
-from fp_collect.errors import MAX_WINDOW_SECONDS, ConfigError, check_seconds, config_tuple
+from fp_collect.errors import (
+    MAX_WINDOW_SECONDS,
+    ConfigError,
+    check_seconds,
+    config_tuple,
+    shown,
+)
 from fp_collect.restrictions import Restrictions
 from fp_collect.rules import Rule, RuleSet
 from fp_collect.store import redact
@@ -196,7 +202,7 @@ class Limits:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= maximum:
                 raise ConfigError(
-                    f"Limits.{name} must be a whole number from 1 to {maximum}, got {value!r}"
+                    f"Limits.{name} must be a whole number from 1 to {maximum}, got {shown(value)}"
                 )
 
 
@@ -394,10 +400,10 @@ def normalise_prefix(prefix: str) -> str:
     if not prefix.startswith("/"):
         prefix = "/" + prefix
     # Routes are matched against the request's path as the server decoded it, so a
-    # prefix is written decoded too: "%2F" or "%20" in it would never match (a client's
-    # "%20" arrives as a space, which a prefix may hold), nor would "?" or "#" (never in
-    # a path), a control character, a non-ASCII letter (WSGI and ASGI decode those
-    # differently) or a "." or ".." step (clients remove them).
+    # prefix is written decoded too (a client's "%20" arrives as a space, which a prefix
+    # may hold). "%", "?" and "#" are refused as almost certainly a mistake: a client
+    # would have to escape them. So are control characters, non-ASCII letters (WSGI and
+    # ASGI decode those differently) and "." or ".." steps (clients remove them).
     steps = prefix.split("/")[1:]
     if (
         any(c in "%?#" or not (c.isascii() and c.isprintable()) for c in prefix)

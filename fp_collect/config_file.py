@@ -76,7 +76,9 @@ def load_config(path: str | os.PathLike[str], **overrides: object) -> CollectorC
             data = tomllib.load(file)
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {os.fspath(path)!r}: {exc}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
+        # TOMLDecodeError and UnicodeDecodeError, and the int() of an integer of more
+        # than 4,300 digits, which Python refuses to convert.
         raise ConfigError(f"{os.fspath(path)!r} is not valid TOML: {exc}") from exc
     except RecursionError:
         # tomllib parses nested arrays and inline tables recursively.

@@ -193,7 +193,10 @@ def _suspect(data: bytes | str, max_depth: int) -> bool:
     # rfind, not "in": searching backwards is twice as fast for this needle.
     if shapes.rfind(_LONE_MINUS_SHAPE) >= 0 or shapes == b"-":
         _refuse_lone_minus(raw)
-    return _LONG_DIGIT_RUN in shapes or not _shallow(raw, max_depth)
+    # With whitespace gone, digits a space apart in a string ("DE89 3704 0044 0532 ...")
+    # join into a run: only a run the bytes hold as they are makes the body suspect.
+    long_digits = _LONG_DIGIT_RUN in shapes and _LONG_DIGIT_RUN in raw.translate(_NUMBER_SHAPES)
+    return long_digits or not _shallow(raw, max_depth)
 
 
 def _refuse_lone_minus(raw: bytes) -> None:

@@ -47,9 +47,18 @@ def check_seconds(
     finite = isinstance(value, int) or math.isfinite(value)
     if not (finite and (value >= 0 if zero else value > 0) and value <= maximum):
         raise ConfigError(
-            f"{what} must be seconds, {low} and at most {maximum:.0f}{also}, got {value!r}"
+            f"{what} must be seconds, {low} and at most {maximum:.0f}{also}, got {shown(value)}"
         )
     return float(value)
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for a message, short: an integer too long to be any setting is
+    described by its size (Python will not even write one of more than 4,300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class RequestRejected(Exception):

@@ -263,25 +263,23 @@ class SegmentAPI:
                     raise ItemRejected(
                         "invalid_json", f"the event cannot be stored as JSON: {unstorable[index]}"
                     )
-                # Measured merged, as it would be stored; recorded as sent if refused here.
-                if (
-                    index in to_measure
-                    and len(encode_event(defaults.merged(item)).encode())
-                    > self.limits.max_event_bytes
-                ):
-                    merged = " with the batch's defaults merged in" if defaults.size else ""
-                    raise ItemRejected(
-                        "event_too_large",
-                        f"event larger than {self.limits.max_event_bytes} bytes{merged}",
-                    )
+                # Measured merged, as it would be stored; recorded as sent if refused.
+                if index in to_measure:
+                    measured = defaults.merged(item) if isinstance(item, dict) else item
+                    if len(encode_event(measured).encode()) > self.limits.max_event_bytes:
+                        merged = " with the batch's defaults merged in" if defaults.size else ""
+                        raise ItemRejected(
+                            "event_too_large",
+                            f"event larger than {self.limits.max_event_bytes} bytes{merged}",
+                        )
                 if not isinstance(item, dict):
                     raise ItemRejected("invalid_event", "each batch item must be a JSON object")
                 if source is None:
                     raise ItemRejected("invalid_write_key", "Invalid or missing writekey")
                 if not source.allows_origin(incoming.origin):
                     raise ItemRejected("origin_not_allowed", "Origin not allowed for this source")
-                defaults.apply(item)
-                event = self._event(item, None, source, incoming, defaults.sent_at)
+                message = defaults.merged(item)
+                event = self._event(message, None, source, incoming, defaults.sent_at)
                 event.index = index
                 batch.events.append(event)
             except ItemRejected as rejected:
@@ -293,10 +291,11 @@ class SegmentAPI:
                     batch.rejections.append(record)
             except Discarded as discarded:
                 # Answered like the stored ones: the client must not send it again. Recorded
-                # under the id it was read with (generated if it had none), as a single call's.
+                # as it would have been stored, under the id it was read with (generated if
+                # it had none), as a single call's.
                 batch.rejections.append(
                     self.pipeline.item_rejection(
-                        discarded, incoming, item, index, source, item.get("messageId")
+                        discarded, incoming, message, index, source, message.get("messageId")
                     )
                 )
         if not errors:
@@ -438,10 +437,10 @@ class BatchDefaults:
             sent_at = None
         return cls(context or None, integrations or None, sent_at, timestamp)
 
-    def merged(self, item: object) -> object:
+    def merged(self, item: Message) -> Message:
         """``item`` as :meth:`apply` would make it, leaving ``item`` as it is (a copy
-        when there is anything to merge into an object)."""
-        if not (self.size and isinstance(item, dict)):
+        when there is anything to merge): what is refused is then recorded as sent."""
+        if not self.size:
             return item
         copy = dict(item)
         self.apply(copy)  # replaces the copy's context and integrations, never mutates them

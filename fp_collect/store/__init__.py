@@ -76,6 +76,8 @@ def open_store(url: str, *, create: bool = True) -> Store:
                 f"storage URL {redact(url)!r} names no file (try 'sqlite:///events.db')"
             )
         return SQLiteStore(path, synchronous=_sqlite_synchronous(url, query), create=create)
+    if scheme in ("postgresql", "postgres", "redis", "rediss"):
+        _require_escaped_password(rest)
     if scheme in ("postgresql", "postgres"):
         _require_extra("psycopg", "postgres", url)
         _require_extra("psycopg_pool", "postgres", url)
@@ -110,16 +112,35 @@ def redact(url: str) -> str:
 
 def hide_secrets(text: str, url: str) -> str:
     """``text`` (a driver's message about ``url``) with every password ``url`` holds, as
-    written or %-decoded, replaced by ``***``: libpq quotes the part of a URL it cannot
-    read, and that part may be the password."""
+    written or %-decoded, replaced by ``***`` inside the message's quoted parts: libpq
+    quotes the part of a URL it cannot read, and that part may be the password. (Only
+    there, so that a short password does not mark every place its letters appear.)"""
     secrets = [match.group(1) for match in _PASSWORD_VALUE.finditer(url)]
     found = _user_password(url.partition("://")[2])
     if found is not None:
         secrets.append(found[1])
-    text = text.replace(url, redact(url))
-    for secret in sorted({*secrets, *map(unquote, secrets)} - {""}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
+    hidden = sorted({*secrets, *map(unquote, secrets)} - {""}, key=len, reverse=True)
+
+    def hide(quoted: re.Match[str]) -> str:
+        part = quoted.group()
+        for secret in hidden:
+            part = part.replace(secret, "***")
+        return part
+
+    return _QUOTED.sub(hide, text.replace(url, redact(url)))
+
+
+def _require_escaped_password(rest: str) -> None:
+    """Refuse a password that a URL cannot carry as it is (``rest`` follows "://"): a raw
+    "/", "?", "#" or space, or a "%" that starts no escape. Drivers split such a password
+    at those characters and quote a piece of it in their errors, where no redaction can
+    find it; the message names no value."""
+    found = _user_password(rest)
+    if found is not None and _UNESCAPED.search(found[1]):
+        raise ConfigError(
+            "the storage URL's password must be %-escaped: write / ? # % and spaces as "
+            "%2F %3F %23 %25 %20"
+        )
 
 
 def _user_password(rest: str) -> tuple[str, str, str] | None:
@@ -135,15 +156,20 @@ def _user_password(rest: str) -> tuple[str, str, str] | None:
     # A password holding a raw "/", "?" or "#" (it should be %-escaped) ends the host
     # part early, "user:pa/ss@host": that part then reads "user:" and what no port is,
     # and the user info runs to the next "@". (Not "[::1]:5432", an IPv6 host.)
+    # After a "?" or "#" nothing is a port, so "user:2024?pw@host" is a password too.
     user, colon, after = rest[:end].partition(":")
     later = rest.find("@", end)
-    if colon and not after.isdigit() and not user.startswith("[") and later >= 0:
+    port = after.isdigit() and rest[end : end + 1] not in ("?", "#")
+    if colon and not port and not user.startswith("[") and later >= 0:
         return user, rest[len(user) + 1 : later], rest[later + 1 :]
     return None
 
 
-_PASSWORD_OPTION = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
-_PASSWORD_VALUE = re.compile(r"[?&](?:ssl)?password=([^&#]*)", re.IGNORECASE)
+# libpq reads an option's value up to the next "&": a "#" is part of it (no fragments).
+_PASSWORD_OPTION = re.compile(r"([?&](?:ssl)?password=)[^&]*", re.IGNORECASE)
+_PASSWORD_VALUE = re.compile(r"[?&](?:ssl)?password=([^&]*)", re.IGNORECASE)
+_QUOTED = re.compile(r'"[^"]*"')
+_UNESCAPED = re.compile(r"[/?# ]|%(?![0-9A-Fa-f]{2})")
 
 
 def _require_extra(module: str, extra: str, url: str) -> None:

@@ -37,6 +37,9 @@ SOURCE = "[[sources]]\nwrite_key = 'site-key'\n"
         ("a = " + "{ b = " * 5000 + "1" + " }" * 5000, "nests arrays or tables too deeply"),
         ("prefix = '/my%20app'", "prefix '/my%20app' must be a plain path"),
         ("read_tokens = [' a-secret-of-16-characters']", "read_tokens[0] must be printable"),
+        # Python will not convert an integer of more than 4,300 digits: tomllib fails.
+        ("commit_timeout = 1" + "0" * 5000, "is not valid TOML"),
+        ("commit_timeout = 1" + "0" * 400, "commit_timeout must be seconds"),
     ],
 )
 def test_a_malformed_file_is_one_line_and_exit_2(

@@ -8,7 +8,7 @@ import pytest
 from fp_collect import CollectorConfig, Source
 from fp_collect.cli import main as cli
 from fp_collect.errors import ConfigError
-from fp_collect.store import open_store, redact
+from fp_collect.store import hide_secrets, open_store, redact
 from fp_collect.store.memory import MemoryStore
 
 PASSWORD = "S3cretPW"
@@ -94,6 +94,9 @@ def test_postgres_options_repr_hides_the_password() -> None:
         ("postgresql://u:pa?ss@h/db", "postgresql://u:***@h/db"),
         ("postgresql://u:pa#ss@h/db?password=x", "postgresql://u:***@h/db?password=***"),
         ("postgresql://[::1]:5432/db?x=a@b", "postgresql://[::1]:5432/db?x=a@b"),
+        # libpq reads an option up to the next "&", "#" included; after "?" there is no port.
+        ("postgresql://u@h/db?password=ab#cd", "postgresql://u@h/db?password=***"),
+        ("postgresql://app:2024?Secret@db/events", "postgresql://app:***@db/events"),
         ("postgresql://h:5432/db", "postgresql://h:5432/db"),
     ],
 )
@@ -113,3 +116,33 @@ def test_libpq_quoting_a_bad_password_does_not_show_it(password: str) -> None:
         parse_url(f"postgresql://app:{password}@db.internal/x")
     message = str(raised.value)
     assert password not in message and "***" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:s3cr/etPART2@db/ev%zz",
+        "postgresql://app:s3cr et/PART2@db/events",
+        "postgresql://app:s3cr%zz@db/events",
+        "redis://:s3cret/x@localhost:6379/0",
+        "redis://:s3c?ret@localhost:6379/0",
+    ],
+)
+def test_a_password_a_url_cannot_carry_as_it_is_is_refused_unseen(url: str) -> None:
+    """Drivers split such a password and quote a piece of it, which nothing could hide:
+    it is refused before any driver sees it, and the message names no value."""
+    with pytest.raises(ConfigError, match="password must be %-escaped") as raised:
+        open_store(url)
+    assert "s3c" not in str(raised.value) and "PART2" not in str(raised.value)
+
+
+def test_a_short_password_is_hidden_only_where_quoted() -> None:
+    url = "postgresql://app:a%zz@db/x"
+    shown = hide_secrets('invalid percent-encoded token: "a%zz" in a URL', url)
+    assert shown == 'invalid percent-encoded token: "***" in a URL'
+
+
+def test_a_malformed_redis_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="is malformed") as raised:
+        open_store(f"redis://u:{PASSWORD}@[::1/0")
+    assert PASSWORD not in str(raised.value)

@@ -314,3 +314,18 @@ def test_the_deepest_nesting_allowed_passes_a_rule_under_asgi() -> None:
     assert response.status_code == 200, response.text
     [stored] = collector.store.events()
     assert "gone" not in json.loads(stored.payload)["properties"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CollectorConfig(commit_timeout=10**5000),
+        lambda: Limits(max_depth=10**5000),
+        lambda: Source(write_key="k", session_timeout=10**5000),
+    ],
+)
+def test_an_absurdly_long_integer_is_described_not_written_out(make: Callable[[], object]) -> None:
+    """Python refuses to write out an integer of more than 4,300 digits: the message gives
+    its size instead of failing with a ValueError of its own."""
+    with pytest.raises(ConfigError, match="got an integer of 16610 bits"):
+        make()

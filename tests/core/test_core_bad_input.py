@@ -405,6 +405,18 @@ def test_a_large_batch_context_cannot_be_copied_into_every_event(collector: Coll
     assert max(len(r.payload) for r in rejections) < 200
 
 
+def test_an_item_refused_in_validation_is_recorded_as_sent(collector: Collector) -> None:
+    """The batch's defaults go into what is stored, not into the record of a refusal: a
+    small gzipped batch of invalid items cannot store its context once per item."""
+    items = [{"type": "bogus", "userId": "u", "messageId": f"m-{i}"} for i in range(50)]
+    body = {"writeKey": LIVE_KEY, "context": {"pad": "c" * 10_000}, "batch": items}
+    response = send(collector, "/v1/batch", body)
+    assert (response.status, answer(response)["code"]) == (400, "invalid_batch")
+    rejections = list(collector.store.rejections())
+    assert [json.loads(r.payload) for r in rejections] == items
+    assert [r.reason for r in rejections] == ["invalid_type"] * 50
+
+
 def test_a_refused_body_is_recorded_cut_to_a_bounded_size(collector: Collector) -> None:
     """No key needed to be recorded, so a record is bounded: 500 KiB of invalid UTF-8
     (gzipped to half a kilobyte) would be kept as 2 MB of escapes. Kept: its beginning and

@@ -324,3 +324,15 @@ def test_a_dash_in_a_page_title_costs_no_scan() -> None:
         with mock.patch("fp_collect.decoding._refuse_lone_minus") as scan:
             parse_json(broken, 64)
         assert scan.call_count == 1, broken
+
+
+def test_digits_a_space_apart_make_no_body_suspect() -> None:
+    """An IBAN or a list of years in a string is no long integer: the parsed body is not
+    walked for one (the byte shapes drop whitespace, which joins such digits)."""
+    body = json.dumps({"iban": "DE89 3704 0044 0532 0130 00", "years": "2019 2020 2021"})
+    with mock.patch("fp_collect.decoding._refuse_unstorable") as walk:
+        parse_json(body.encode(), 64)
+    assert walk.call_count == 0
+    with mock.patch("fp_collect.decoding._refuse_unstorable") as walk:
+        parse_json(b'{"n": 12345678901234567890}', 64)
+    assert walk.call_count == 1

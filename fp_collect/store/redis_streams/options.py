@@ -23,7 +23,10 @@ OPTIONS = ("prefix", "maxlen", "claim_grace")
 
 def split_options(url: str) -> tuple[str, dict[str, str]]:
     """The URL for redis-py (with default timeouts) and our own options."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL", say
+        raise ConfigError(f"Redis storage URL {redact(url)!r} is malformed: {exc}") from None
     given: dict[str, str] = {}
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name in given:
