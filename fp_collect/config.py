@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from fp_collect.errors import (
     MAX_WINDOW_SECONDS,
     ConfigError,
+    check_bool,
     check_seconds,
     config_tuple,
     shown,
@@ -98,7 +99,7 @@ class Source:
         if ":" in self.write_key:
             # HTTP Basic splits user:password at the first colon.
             raise ConfigError("Source.write_key must not contain ':'")
-        _require_bool(self.enabled, "Source.enabled")
+        check_bool(self.enabled, "Source.enabled")
         # The id is stored with every event and the name shown: a number here would be
         # stored as something else than what the file says, or fail deep in a store.
         # None is "not given", as "" is (id=os.environ.get("SOURCE_ID"), say).
@@ -118,7 +119,7 @@ class Source:
         if not isinstance(self.rules, RuleSet):
             # A plain list of rules is welcome too.
             object.__setattr__(self, "rules", RuleSet(self.rules))
-        _require_bool(self.strict_event_names, "Source.strict_event_names")
+        check_bool(self.strict_event_names, "Source.strict_event_names")
         if not isinstance(self.restrictions, Restrictions):
             raise ConfigError("Source.restrictions must be a Restrictions object")
         if not isinstance(self.workspace, str) or not self.workspace:
@@ -313,7 +314,7 @@ class CollectorConfig:
         proxies = config_tuple(self.trusted_proxies, "trusted_proxies", one_string=True)
         object.__setattr__(self, "trusted_proxies", proxies)
         self.proxy_networks()  # validates
-        _require_bool(self.record_unauthenticated, "record_unauthenticated")
+        check_bool(self.record_unauthenticated, "record_unauthenticated")
         check_seconds(self.max_future_seconds, "max_future_seconds", MAX_WINDOW_SECONDS, zero=True)
         # A NaN deadline would make every commit fail (and escape a WSGI server as a 500),
         # an infinite one would let a stalled store hold requests forever.
@@ -443,13 +444,6 @@ def _strings(value: str | Iterable[str], what: str) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise ConfigError(f"{what}[{index}] must be a string, not {type(item).__name__}")
     return items
-
-
-def _require_bool(value: object, what: str) -> None:
-    """Only True or False: any other value (the string "false" from a config file, 0,
-    None) would be read for its truthiness and could leave a switch on."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{what} must be True or False, not {type(value).__name__}")
 
 
 def _split(value: str) -> Iterable[str]:

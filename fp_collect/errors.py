@@ -52,6 +52,13 @@ def check_seconds(
     return float(value)
 
 
+def check_bool(value: object, what: str) -> None:
+    """Only True or False: any other value (the string "false" from a config file, 0,
+    None) would be read for its truthiness and could leave a switch on."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be True or False, not {type(value).__name__}")
+
+
 def shown(value: object) -> str:
     """``repr(value)`` for a message, short: an integer too long to be any setting is
     described by its size (Python will not even write one of more than 4,300 digits)."""

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from fp_collect.errors import MAX_WINDOW_SECONDS, ConfigError, check_seconds, config_tuple
+from fp_collect.errors import (
+    MAX_WINDOW_SECONDS,
+    ConfigError,
+    check_bool,
+    check_seconds,
+    config_tuple,
+)
 from fp_collect.store.base import Claim, Identity
 
 # The reasons stored with what each restriction discards (the claims' kinds).
@@ -82,8 +88,7 @@ class Restrictions:
     def __post_init__(self) -> None:
         if self.bots not in BOT_POLICIES:
             raise ConfigError(f"Restrictions.bots must be one of {', '.join(BOT_POLICIES)}")
-        if not isinstance(self.confirmation_dedup, bool):
-            raise ConfigError("Restrictions.confirmation_dedup must be True or False")
+        check_bool(self.confirmation_dedup, "Restrictions.confirmation_dedup")
         if self.email_open_window is not None:
             check_seconds(
                 self.email_open_window,

@@ -69,8 +69,7 @@ def test_a_configuration_repr_hides_read_tokens_and_the_storage_password() -> No
 
 
 def test_postgres_options_repr_hides_the_password() -> None:
-    pytest.importorskip("psycopg")
-    from fp_collect.store.postgres.options import parse_url
+    from fp_collect.store.postgres.options import parse_url  # psycopg: a dev dependency
 
     options = parse_url(f"postgresql://app:{PASSWORD}@db.internal/x?schema=s")
     assert PASSWORD not in repr(options) and "app:***@db.internal" in repr(options)
@@ -109,8 +108,7 @@ def test_redact_hides_passwords_and_keeps_the_rest(url: str, shown: str) -> None
 )
 def test_libpq_quoting_a_bad_password_does_not_show_it(password: str) -> None:
     """libpq quotes the part of a URL it cannot read, which may be the password."""
-    pytest.importorskip("psycopg")
-    from fp_collect.store.postgres.options import parse_url
+    from fp_collect.store.postgres.options import parse_url  # psycopg: a dev dependency
 
     with pytest.raises(ConfigError) as raised:
         parse_url(f"postgresql://app:{password}@db.internal/x")
